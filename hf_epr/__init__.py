@@ -1,0 +1,9 @@
+"""hf_epr: entropy penalized reparameterization (EPR) model compression for Hugging Face models."""
+
+from .config import EPRConfig, EPRConfigError
+from .loader import EPRCompressedConfig, EPRCompressedForImageClassification, EPRError, EPRFormatError
+from .modeling import EPRModel
+
+__all__ = ["EPRConfig", "EPRConfigError", "EPRCompressedConfig", "EPRCompressedForImageClassification", "EPRError",
+           "EPRFormatError", "EPRModel"]
+__version__ = "0.1.0"

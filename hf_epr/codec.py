@@ -1,0 +1,171 @@
+"""Encode integer latents against integer tables and write the container (the inverse of loader.py)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .loader import FORMAT_NAME, FORMAT_VERSION, categorical, digest_of
+
+
+@dataclass
+class CodedGroup:
+    """One group of integer latents with its quantized table over [lo, lo + n_symbols - 2] + escape."""
+
+    lo: int
+    counts: np.ndarray  # uint16, sum 2**precision, last entry = escape symbol
+    values: np.ndarray  # int32 latents in coding order
+
+
+def quantize_pmf(pmf: np.ndarray, precision: int) -> np.ndarray:
+    """Integer counts (uint16) summing to ``2**precision``, every symbol >= 1, from probabilities.
+
+    ``pmf`` holds the in-range probabilities followed by the escape probability (any remaining mass).
+    """
+    pmf = np.clip(np.nan_to_num(np.asarray(pmf, np.float64), nan=0.0), 0.0, None)
+    n = pmf.size
+    total = 1 << precision
+    if not 2 <= n <= total // 2:
+        raise ValueError(f"a table needs 2..{total // 2} symbols, got {n}")
+    pmf = pmf / pmf.sum() if pmf.sum() > 0 else np.full(n, 1.0 / n)
+    counts = 1 + np.floor(pmf * (total - n)).astype(np.int64)
+    counts[np.argmax(pmf)] += total - counts.sum()
+    return counts.astype(np.uint16)
+
+
+def table_support(values: np.ndarray, max_symbols: int) -> tuple[int, int]:
+    """[lo, hi] covering the values, narrowed around the median to at most ``max_symbols - 1`` values."""
+    lo, hi = int(values.min()), int(values.max())
+    width = max_symbols - 1
+    if hi - lo + 1 > width:
+        mid = int(np.median(values))
+        lo = max(lo, mid - width // 2)
+        hi = lo + width - 1
+    return lo, hi
+
+
+def symbols_of(group: CodedGroup) -> tuple[np.ndarray, np.ndarray]:
+    """Table indices of a group's values, and the escaped values (outside the table's range)."""
+    n_sym = group.counts.size
+    idx = group.values.astype(np.int64) - group.lo
+    esc = (idx < 0) | (idx >= n_sym - 1)
+    idx[esc] = n_sym - 1
+    return idx.astype(np.int32), group.values[esc].astype(np.int32)
+
+
+def encode_groups(groups: list[CodedGroup], precision: int) -> tuple[np.ndarray, np.ndarray]:
+    """One range-coded stream (uint32 words) for all groups, and the escaped values."""
+    import constriction
+
+    encoder = constriction.stream.queue.RangeEncoder()
+    escapes = []
+    for g in groups:
+        if g.values.size == 0:
+            continue
+        sym, esc = symbols_of(g)
+        encoder.encode(sym, categorical(g.counts, precision))
+        escapes.append(esc)
+    words = np.asarray(encoder.get_compressed(), dtype=np.uint32)
+    return words, (np.concatenate(escapes) if escapes else np.zeros(0, np.int32)).astype(np.int32)
+
+
+def ideal_bits(groups: list[CodedGroup], precision: int) -> float:
+    """-sum log2 p of every symbol under the stored integer tables."""
+    total = 0.0
+    for g in groups:
+        if g.values.size:
+            sym, _ = symbols_of(g)
+            total -= float(np.log2(g.counts[sym].astype(np.float64) / (1 << precision)).sum())
+    return total
+
+
+@dataclass
+class Container:
+    """Everything one ``epr_weights.safetensors`` holds, before serialization."""
+
+    precision: int
+    groups: list[CodedGroup] = field(default_factory=list)
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    params: list[float] = field(default_factory=list)
+    raw: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add_raw(self, array: np.ndarray, dtype: str) -> int:
+        """Append a raw tensor; returns its offset in ``raw.<dtype>``."""
+        chunks = self.raw.setdefault(dtype, [])
+        offset = sum(c.size for c in chunks)
+        chunks.append(np.ascontiguousarray(array).reshape(-1))
+        return offset
+
+    def to_bytes(self) -> bytes:
+        """Serialize (safetensors + JSON metadata + checksum)."""
+
+
+        words, escapes = encode_groups(self.groups, self.precision)
+        tables, offsets = [], []
+        pos = 0
+        for g in self.groups:
+            offsets.append(pos)
+            tables.append(g.counts)
+            pos += g.counts.size
+        meta = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "precision": self.precision,
+            "coder": "constriction.stream.queue.RangeEncoder/Categorical(perfect=False)",
+            "constriction": importlib.metadata.version("constriction"),
+            "n_escapes": int(escapes.size),
+            "groups": [[int(g.lo), int(g.counts.size), int(o), int(g.values.size)] for g, o in zip(self.groups, offsets)],
+            "tensors": self.tensors, **self.extra,
+        }
+        arrays = {
+            "coded": words,
+            "tables": np.concatenate(tables).astype(np.uint16) if tables else np.zeros(0, np.uint16),
+            "escapes": escapes,
+            "params": np.asarray(self.params, np.float32),
+        }
+        for dtype, chunks in self.raw.items():
+            arrays[f"raw.{dtype}"] = np.concatenate(chunks)
+        data = safetensors_bytes(arrays, {"epr": json.dumps(meta, separators=(",", ":")), "epr_sha256": "0" * 64})
+        digest = digest_of(data).encode()
+        return data.replace(b'"epr_sha256":"' + b"0" * 64 + b'"', b'"epr_sha256":"' + digest + b'"', 1)
+
+
+_DTYPES = {np.dtype(k): v for k, v in [("uint32", "U32"), ("uint16", "U16"), ("int32", "I32"), ("int64", "I64"),
+                                         ("float32", "F32"), ("float16", "F16"), ("bool", "BOOL"), ("uint8", "U8")]}
+
+
+def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with a deterministic layout (sorted names, metadata first), so saves are byte-stable."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    chunks, pos = [], 0
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [pos, pos + len(raw)]}
+        chunks.append(raw)
+        pos += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to ``path`` through a temporary file in the same folder and an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

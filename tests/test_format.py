@@ -1,0 +1,161 @@
+"""The coded format: typed errors on bad input, a fuzz test, and a golden test vector."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from hf_epr import EPRConfig, EPRFormatError, EPRModel
+from hf_epr.codec import Container, CodedGroup, quantize_pmf, safetensors_bytes
+from hf_epr.loader import (EPRCompressedForImageClassification, WEIGHTS_NAME, decode_latents, decode_state_dict,
+                           digest_of, parse_container)
+
+DATA = Path(__file__).parent / "data"
+
+
+def small_container() -> Container:
+    rng = np.random.default_rng(0)
+    c = Container(precision=16)
+    v1 = np.round(rng.laplace(0, 1.5, 300)).astype(np.int32)
+    v2 = np.append(np.round(rng.normal(0, 0.6, 200)), [40, -50]).astype(np.int32)  # two escapes
+    c.groups = [CodedGroup(int(v1.min()), quantize_pmf(np.bincount(v1 - v1.min()).tolist() + [0], 16), v1),
+                CodedGroup(-3, quantize_pmf(np.ones(8), 16), v2)]
+    c.tensors = [{"name": "a.weight", "aliases": [], "shape": [20, 15], "kind": "affine", "groups": [0], "params": 0},
+                 {"name": "b.weight", "aliases": [], "shape": [202], "kind": "affine", "groups": [1], "params": 2},
+                 {"name": "b.bias", "aliases": [], "shape": [3], "kind": "raw", "dtype": "float32",
+                  "offset": c.add_raw(np.array([1.0, -2.0, 0.5], np.float32), "float32")}]
+    c.params = [float(np.log(0.01)), 0.0, float(np.log(0.1)), 0.25]
+    return c
+
+
+def rewrite(data: bytes, edit) -> bytes:
+    """Re-serialize a container after ``edit(meta, arrays)``, with a valid checksum (a crafted file)."""
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["epr"])
+    from safetensors.numpy import load
+    arrays = load(data)
+    edit(meta, arrays)
+    out = safetensors_bytes(arrays, {"epr": json.dumps(meta), "epr_sha256": "0" * 64})
+    return out.replace(b"0" * 64, digest_of(out).encode(), 1)
+
+
+def test_roundtrip_with_escapes():
+    c = small_container()
+    meta, arrays = parse_container(c.to_bytes())
+    latents = decode_latents(meta, arrays)
+    assert all(np.array_equal(a, g.values) for a, g in zip(latents, c.groups))
+    assert meta["n_escapes"] == 2
+    state = decode_state_dict(meta, arrays)
+    assert torch.allclose(state["a.weight"], 0.01 * torch.from_numpy(c.groups[0].values).float().view(20, 15))
+
+
+def test_golden_vector():
+    """A file committed by an earlier version must decode to the committed integers, forever."""
+    data = (DATA / "golden.safetensors").read_bytes()
+    expected = json.loads((DATA / "golden_expected.json").read_text())
+    meta, arrays = parse_container(data)
+    latents = decode_latents(meta, arrays)
+    assert [a.tolist() for a in latents] == expected["latents"]
+    assert data == small_container().to_bytes(), "the encoder no longer writes the golden bytes"
+
+
+CRAFTED = {
+    "unknown version": lambda m, a: m.update(version=99),
+    "missing tensor": lambda m, a: a.pop("params"),
+    "shape disagrees with groups": lambda m, a: m["tensors"][0].update(shape=[20, 16]),
+    "absurd shape": lambda m, a: m["tensors"][0].update(shape=[1 << 40, 1 << 20]),
+    "absurd group count": lambda m, a: m["groups"][0].__setitem__(3, 1 << 40),
+    "table outside payload": lambda m, a: m["groups"][1].__setitem__(2, 10 ** 6),
+    "raw slice outside payload": lambda m, a: m["tensors"][2].update(offset=2),
+    "escape count": lambda m, a: m.update(n_escapes=5),
+    "unknown kind": lambda m, a: m["tensors"][1].update(kind="zip"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_bad_metadata(case):
+    with pytest.raises(EPRFormatError):
+        meta, arrays = parse_container(rewrite(small_container().to_bytes(), CRAFTED[case]))
+        decode_latents(meta, arrays)
+
+
+def test_truncated_and_flipped():
+    data = small_container().to_bytes()
+    for cut in (0, 4, 8, 100, len(data) - 1):
+        with pytest.raises(EPRFormatError):
+            parse_container(data[:cut])
+    flipped = bytearray(data)
+    flipped[-5] ^= 0x10
+    with pytest.raises(EPRFormatError, match="checksum"):
+        parse_container(bytes(flipped))
+
+
+def test_fuzz_never_crashes_untyped():
+    """>= 1,000 random flips/truncations/garbles: a typed error or the correct decode, nothing else."""
+    c = small_container()
+    data = c.to_bytes()
+    rng = random.Random(1234)
+    outcomes = {"error": 0, "ok": 0}
+    for i in range(1200):
+        b = bytearray(data)
+        kind = i % 4
+        if kind == 0:
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            del b[rng.randrange(len(b)):]
+        elif kind == 2:
+            start = rng.randrange(len(b))
+            b[start:start + rng.randrange(1, 16)] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 16)))
+        else:
+            b.insert(rng.randrange(len(b)), rng.randrange(256))
+        try:
+            meta, arrays = parse_container(bytes(b))
+            latents = decode_latents(meta, arrays)
+        except EPRFormatError:
+            outcomes["error"] += 1
+            continue
+        assert all(np.array_equal(a, g.values) for a, g in zip(latents, c.groups))
+        outcomes["ok"] += 1
+    assert outcomes["error"] >= 1000
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(EPRFormatError, match="not an hf_epr"):
+        EPRModel.from_pretrained(tmp_path)
+    model = EPRModel.from_base(tiny_model("resnet"), EPRConfig())
+    model.save_pretrained(tmp_path / "ok")
+    shutil.copytree(tmp_path / "ok", tmp_path / "noweights")
+    (tmp_path / "noweights" / WEIGHTS_NAME).unlink()
+    with pytest.raises(EPRFormatError):
+        EPRCompressedForImageClassification.from_pretrained(tmp_path / "noweights")
+    # a file from another model does not load into this one
+    other = EPRModel.from_base(tiny_model("regnet"), EPRConfig())
+    other.save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / WEIGHTS_NAME, tmp_path / "ok" / WEIGHTS_NAME)
+    with pytest.raises(EPRFormatError):
+        EPRModel.from_pretrained(tmp_path / "ok")
+    with pytest.raises(EPRFormatError):
+        EPRCompressedForImageClassification.from_pretrained(tmp_path / "ok")
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    model = EPRModel.from_base(tiny_model("resnet"), EPRConfig())
+    model.save_pretrained(tmp_path)
+    before = (tmp_path / WEIGHTS_NAME).read_bytes()
+    import hf_epr.codec as codec
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(codec.os, "fsync", boom)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
