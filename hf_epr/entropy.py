@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import quantize_pmf
 
 LN2 = math.log(2.0)
 
@@ -58,77 +56,47 @@ class FactorizedDensity(nn.Module):
                 h = h + torch.tanh(f) * torch.tanh(h)
         return h.squeeze(1)
 
-    def log_pmf(self, y: torch.Tensor, channel: torch.Tensor | None = None) -> torch.Tensor:
-        """Natural log of the probability of integer (or relaxed) values y, shape (channels, M)
-        (or (K, M) with ``channel`` giving each row's channel)."""
-        lower = self.cdf_logits(y - 0.5, channel)
-        upper = self.cdf_logits(y + 0.5, channel)
-        s = -torch.sign(lower + upper).detach()
+    def log_prob_between(self, lower: torch.Tensor, upper: torch.Tensor,
+                         channel: torch.Tensor | None = None) -> torch.Tensor:
+        """log P(lower < x < upper) per element: shapes (channels, M), or (K, M) with ``channel`` per row."""
+        c = self.cdf_logits(torch.cat([lower, upper], dim=-1), channel)
+        lo_logit, up_logit = c.chunk(2, dim=-1)
+        s = -torch.sign(lo_logit + up_logit).detach()  # work in the tail where sigmoid is small
         s = torch.where(s == 0, torch.ones_like(s), s)
-        a, b = F.logsigmoid(s * lower), F.logsigmoid(s * upper)
+        a, b = F.logsigmoid(s * lo_logit), F.logsigmoid(s * up_logit)
         hi, lo = torch.maximum(a, b), torch.minimum(a, b)
         return hi + torch.log(-torch.expm1(_pass_through_max(lo - hi, -1e-12)))
 
     def neg_log2_pmf(self, y: torch.Tensor, channel: torch.Tensor | None = None) -> torch.Tensor:
-        """Bits of values y (shapes as in ``log_pmf``)."""
-        return -self.log_pmf(y, channel) / LN2
-
-    def integer_counts(self, channel: int, lo: int, hi: int, precision: int) -> np.ndarray:
-        """The quantized table of one channel over [lo, hi] plus the escape symbol (tail mass)."""
-        with torch.no_grad():
-            y = torch.arange(lo, hi + 1, dtype=torch.float32).expand(self.channels, -1)
-            p = torch.exp(self.log_pmf(y)[channel]).double().numpy()
-        p = np.nan_to_num(p, nan=0.0)
-        return quantize_pmf(np.append(p, max(0.0, 1.0 - p.sum())), precision)
+        """Bits of integer (or relaxed) values y: -log2 P(y - 1/2 < x < y + 1/2)."""
+        return -self.log_prob_between(y - 0.5, y + 0.5, channel) / LN2
 
 
-def histogram(u: torch.Tensor, channel: torch.Tensor, channels: int, max_range: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grid, counts, index) of round(u) per channel; the grid spans the values with one spare each side."""
-    r = torch.round(u.detach()).clamp(-max_range, max_range).long()
-    lo, hi = int(r.min()), int(r.max())
-    m = hi - lo + 3
-    grid = torch.arange(lo - 1, hi + 2, dtype=u.dtype, device=u.device).expand(channels, m)
-    idx = channel * m + (r - lo + 1)
-    counts = torch.bincount(idx, minlength=channels * m).view(channels, m).to(u.dtype)
-    return grid, counts, idx
+def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor, max_bins: int = 512) -> torch.Tensor:
+    """Bits of round(u) under ``density``, with a straight-through gradient to u (central difference).
 
-
-def grid_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor, max_range: int) -> torch.Tensor:
-    """Bits of round(u) under ``density``; gradient to u by a central difference (straight-through).
-
-    ``u`` is a flat tensor of relaxed latents (integer units), ``channel`` its density channel. The
-    density is evaluated once per integer on the range the latents span, not once per latent.
+    ``u`` is a flat tensor of relaxed latents (integer units), ``channel`` the density channel of each.
+    Latents are histogrammed per channel and the density is evaluated once per histogram bin, so the
+    cost is O(latents) plus O(channels x max_bins). A channel whose values span more than ``max_bins``
+    integers uses bins of s integers, each integer priced at P(bin) / s; narrower channels are exact.
     """
-    r = torch.round(u.detach()).clamp(-max_range, max_range).long()
-    if (int(r.max()) - int(r.min()) + 3) * density.channels > 2 * r.numel():
-        return _sparse_bits(density, u, r, channel)
-    grid, counts, idx = histogram(u, channel, density.channels, max_range)
-    f = density.neg_log2_pmf(grid)  # (C, m)
+    r = torch.round(u.detach()).long()
+    n_ch = density.channels
+    lo = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amin", include_self=False)
+    hi = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amax", include_self=False)
+    step = torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")  # ceil(width / max_bins)
+    m = int(torch.div(hi - lo, step, rounding_mode="floor").max()) + 3  # bins + a spare bin each side
+    edges = (lo - step).unsqueeze(1) + torch.arange(m).unsqueeze(0) * step.unsqueeze(1) - 0.5
+    f = -density.log_prob_between(edges.to(u.dtype), (edges + step.unsqueeze(1)).to(u.dtype)) / LN2
+    f = f + torch.log2(step.to(u.dtype)).unsqueeze(1)  # (C, m): bits of one integer in each bin
+    idx = channel * m + torch.div(r - lo[channel], step[channel], rounding_mode="floor") + 1
+    counts = torch.bincount(idx, minlength=n_ch * m).view(n_ch, m).to(f.dtype)
     slope = torch.zeros_like(f)
-    slope[:, 1:-1] = (f[:, 2:] - f[:, :-2]).detach() / 2
+    slope[:, 1:-1] = (f[:, 2:] - f[:, :-2]).detach() / (2 * step.unsqueeze(1))
     return (counts * f).sum() + ((u - u.detach()) * slope.view(-1)[idx]).sum()
 
 
-def _sparse_bits(density: FactorizedDensity, u: torch.Tensor, r: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    """``grid_bits`` for latents spread thinly over a wide range: the density is evaluated only at the
-    distinct (channel, value) pairs and their neighbours."""
-    span = 2 * int(r.abs().max()) + 3
-    keys, inverse, counts = torch.unique(channel * span + r, return_inverse=True, return_counts=True)
-    ch, val = keys // span, keys % span
-    val = torch.where(val > span // 2, val - span, val).to(u.dtype)
-    f = density.neg_log2_pmf(torch.stack([val - 1, val, val + 1], dim=1), ch)  # (K, 3)
-    slope = ((f[:, 2] - f[:, 0]) / 2).detach()
-    return (counts.to(f.dtype) * f[:, 1]).sum() + ((u - u.detach()) * slope[inverse]).sum()
-
-
 def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    """Bits of u + U(-1/2, 1/2) under ``density`` (the uniform-noise relaxation)."""
+    """Bits of u + U(-1/2, 1/2) under ``density`` (the uniform-noise relaxation; one density call per latent)."""
     y = u + torch.empty_like(u).uniform_(-0.5, 0.5)
-    total = u.new_zeros(())
-    for c in range(density.channels):
-        sel = y[channel == c]
-        if sel.numel():
-            f = density.neg_log2_pmf(sel.expand(density.channels, -1))[c]
-            total = total + f.sum()
-    return total
+    return density.neg_log2_pmf(y.unsqueeze(1), channel).sum()

@@ -15,9 +15,9 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from . import loader
-from .codec import Container, CodedGroup, atomic_write, ideal_bits, quantize_pmf, table_support
+from .codec import Container, CodedGroup, atomic_write, ideal_bits, quantize_pmf, symbols_of, table_support
 from .config import EPRConfig
-from .entropy import FactorizedDensity, grid_bits, noise_bits
+from .entropy import FactorizedDensity, noise_bits, rate_bits
 from .loader import (EPRCompressedConfig, EPRFormatError, WEIGHTS_NAME, build_base_model, dct_latents,
                      read_container, resolve_file)
 from .reparam import Entry, attach, ste_round
@@ -27,8 +27,7 @@ AUTO_MAP = {
     "AutoConfig": f"{LOADER_MODULE}.EPRCompressedConfig",
     "AutoModelForImageClassification": f"{LOADER_MODULE}.EPRCompressedForImageClassification",
 }
-MAX_RATE_RANGE = 1 << 15
-REFIT_STEPS = 25  # density fit after loading (the file stores tables, not the density's parameters)
+REFIT_STEPS = 100  # density fit after loading (the file stores tables, not the density's parameters)
 
 
 class EPRModel(PreTrainedModel):
@@ -48,9 +47,13 @@ class EPRModel(PreTrainedModel):
         self.model = base_model if base_model is not None else build_base_model(config.to_base_config())
         self.epr_config = EPRConfig.from_dict(config.epr or {})
         self.entries: list[Entry] = attach(self.model, self.epr_config)
-        self.densities = nn.ModuleList(
-            FactorizedDensity(e.decoder.num_groups, self._spread(e), self.epr_config.density_filters)
-            for e in self.entries)
+        spreads = [self._spread(e) for e in self.entries]
+        self.density = FactorizedDensity(sum(len(s) for s in spreads), torch.cat(spreads) if spreads else None,
+                                         self.epr_config.density_filters)
+        offsets = np.cumsum([0] + [len(s) for s in spreads])[:-1].tolist()
+        channel = [self._local_channels(e) + o for e, o in zip(self.entries, offsets)]
+        self.register_buffer("_latent_channel", torch.cat(channel) if channel else torch.zeros(0, dtype=torch.long),
+                             persistent=False)
         self.main_input_name = getattr(self.model, "main_input_name", "pixel_values")
         self.post_init()
 
@@ -67,13 +70,16 @@ class EPRModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Nothing to initialize: weights come from the base model or the compressed file."""
 
+    @staticmethod
+    def _local_channels(entry: Entry) -> torch.Tensor:
+        ch = entry.decoder.channels(entry.latent)
+        return torch.zeros(entry.latent.numel(), dtype=torch.long) if ch is None else ch
+
     def _spread(self, entry: Entry) -> torch.Tensor:
+        """Initial scale of each group's density: 3 standard deviations of its latents."""
         with torch.no_grad():
-            u = entry.decoder.relaxed(entry.latent)
-            ch = entry.decoder.channels(u)
-            flat = u.reshape(-1)
-            if ch is None:
-                return (3 * flat.std()).reshape(1)
+            flat = entry.decoder.relaxed(entry.latent).reshape(-1)
+            ch = self._local_channels(entry)
             return torch.stack([3 * flat[ch == c].std() for c in range(entry.decoder.num_groups)])
 
     # ------------------------------------------------------------------ forward and rate
@@ -82,23 +88,20 @@ class EPRModel(PreTrainedModel):
         with parametrize.cached():
             return self.model(*args, **kwargs)
 
-    def _rate_inputs(self, entry: Entry) -> tuple[torch.Tensor, torch.Tensor]:
-        u = entry.decoder.relaxed(entry.latent)
-        ch = entry.decoder.channels(u)
-        u = u.reshape(-1)
-        return u, (torch.zeros_like(u, dtype=torch.long) if ch is None else ch)
+    def _relaxed_latents(self) -> torch.Tensor:
+        """All latents in integer units, flat, in entry order (channels in ``_latent_channel``)."""
+        if not self.entries:
+            return torch.zeros(0)
+        return torch.cat([e.decoder.relaxed(e.latent).reshape(-1) for e in self.entries])
 
     def bits(self) -> torch.Tensor:
         """Differentiable estimate of the coded size of all latents, in bits (a 0-dim tensor)."""
-        total = None
-        for entry, density in zip(self.entries, self.densities):
-            u, ch = self._rate_inputs(entry)
-            if self.epr_config.rate_relaxation == "noise" and self.training:
-                b = noise_bits(density, u, ch)
-            else:
-                b = grid_bits(density, u, ch, MAX_RATE_RANGE)
-            total = b if total is None else total + b
-        return total if total is not None else torch.zeros(())
+        if not self.entries:
+            return torch.zeros(())
+        u = self._relaxed_latents()
+        if self.epr_config.rate_relaxation == "noise" and self.training:
+            return noise_bits(self.density, u, self._latent_channel)
+        return rate_bits(self.density, u, self._latent_channel)
 
     @property
     def num_compressed_parameters(self) -> int:
@@ -108,14 +111,16 @@ class EPRModel(PreTrainedModel):
     def fit_density(self, steps: int | None = None, lr: float = 0.02) -> None:
         """Fit the density to the current integer latents (latents unchanged)."""
         steps = self.epr_config.density_init_steps if steps is None else steps
+        if not self.entries:
+            return
         with torch.no_grad():
-            inputs = [self._rate_inputs(entry) for entry in self.entries]
-        opt = torch.optim.Adam(self.densities.parameters(), lr=lr)
+            u = self._relaxed_latents()
+        opt = torch.optim.Adam(self.density.parameters(), lr=lr)
         n = max(1, self.num_compressed_parameters)
         for _ in range(steps):
             opt.zero_grad()
             with torch.enable_grad():
-                loss = sum(grid_bits(d, u, ch, MAX_RATE_RANGE) for d, (u, ch) in zip(self.densities, inputs)) / n
+                loss = rate_bits(self.density, u, self._latent_channel) / n
                 loss.backward()
             opt.step()
 
@@ -124,7 +129,7 @@ class EPRModel(PreTrainedModel):
         groups = {
             "latents": [e.latent for e in self.entries],
             "decoders": [p for e in self.entries for p in e.decoder.parameters()],
-            "density": list(self.densities.parameters()),
+            "density": list(self.density.parameters()),
         }
         seen = {id(p) for ps in groups.values() for p in ps}
         groups["raw"] = [p for p in self.parameters() if id(p) not in seen and p.requires_grad]
@@ -207,7 +212,8 @@ class EPRModel(PreTrainedModel):
                 groups = [c.groups[g] for g in t["groups"]]
                 bits = ideal_bits(groups, c.precision)
                 n_params = 2 if t["kind"] == "affine" else len(groups)
-                nbytes = bits / 8 + 2 * sum(g.counts.size for g in groups) + 4 * n_params
+                n_escapes = sum(symbols_of(g)[1].size for g in groups)
+                nbytes = bits / 8 + 2 * sum(g.counts.size for g in groups) + 4 * (n_params + n_escapes)
             accounted += nbytes
             rows.append({"name": t["name"], "shape": t["shape"], "kind": t["kind"], "bits": bits, "bytes": nbytes,
                          "bits_per_param": bits / max(1, math.prod(t["shape"]))})
