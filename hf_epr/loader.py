@@ -265,12 +265,10 @@ def dct_decode(q: torch.Tensor, log_steps: torch.Tensor, coef_group: torch.Tenso
     return dh.t() @ (steps * q) @ dw
 
 
-def decode_state_dict(meta: dict[str, Any], arrays: dict[str, np.ndarray],
-                      latents: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, by name (aliases of shared tensors included)."""
+def iter_decoded(meta: dict[str, Any], arrays: dict[str, np.ndarray], latents: list[np.ndarray] | None = None):
+    """Yield (names, tensor) for every stored tensor (names: the tensor's name and its tied aliases)."""
     latents = decode_latents(meta, arrays) if latents is None else latents
     params = torch.from_numpy(arrays["params"].copy())
-    out: dict[str, torch.Tensor] = {}
     for t in meta["tensors"]:
         shape = tuple(t["shape"])
         if t["kind"] == "raw":
@@ -284,9 +282,13 @@ def decode_state_dict(meta: dict[str, Any], arrays: dict[str, np.ndarray],
             q = torch.from_numpy(dct_latents(t, latents)).view(shape)
             p = t["params"]
             value = dct_decode(q, params[p: p + len(t["groups"])], torch.tensor(t["coef_group"]))
-        for name in (t["name"], *t.get("aliases", [])):
-            out[name] = value
-    return out
+        yield [t["name"], *t.get("aliases", [])], value
+
+
+def decode_state_dict(meta: dict[str, Any], arrays: dict[str, np.ndarray],
+                      latents: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, by name (aliases of shared tensors included)."""
+    return {name: value for names, value in iter_decoded(meta, arrays, latents) for name in names}
 
 
 def dct_latents(t: dict[str, Any], latents: list[np.ndarray]) -> np.ndarray:
@@ -322,16 +324,28 @@ class EPRCompressedConfig(PreTrainedConfig):
         return AutoConfig.for_model(base.pop("model_type"), **base)
 
 
-def build_base_model(config: PreTrainedConfig) -> PreTrainedModel:
-    """An untrained instance of the base architecture named in ``config.architectures``."""
+def build_base_model(config: PreTrainedConfig, skip_init: bool = False) -> PreTrainedModel:
+    """An instance of the base architecture named in ``config.architectures``.
+
+    ``skip_init`` leaves the weights uninitialised (faster): only for callers that overwrite every tensor.
+    """
+    import contextlib
+
     import transformers
 
     names = config.architectures or []
     cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        from transformers import AutoModelForImageClassification as cls  # noqa: N813
-        return cls.from_config(config)
-    return cls(config)
+    context = contextlib.nullcontext()
+    if skip_init:
+        try:
+            from transformers.initialization import no_init_weights
+            context = no_init_weights()
+        except ImportError:  # older transformers: initialise normally
+            pass
+    with context:
+        if cls is None:
+            return transformers.AutoModelForImageClassification.from_config(config)
+        return cls(config)
 
 
 def resolve_file(repo: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
@@ -348,19 +362,20 @@ def resolve_file(repo: str | os.PathLike, filename: str, **hub_kwargs: Any) -> s
     return cached_file(str(repo), filename, **keep)
 
 
-def load_decoded(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> PreTrainedModel:
-    """Copy a decoded state dict into ``model`` (names and shapes must match exactly)."""
+def load_decoded(model: PreTrainedModel, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> PreTrainedModel:
+    """Decode a checkpoint into ``model`` tensor by tensor (names and shapes must match exactly)."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
+    stored = {name: t["shape"] for t in meta["tensors"] for name in (t["name"], *t.get("aliases", []))}
+    missing, extra = sorted(set(own) - set(stored)), sorted(set(stored) - set(own))
     if missing or extra:
         raise EPRFormatError(f"the file does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, value in state.items():
-        if tuple(own[name].shape) != tuple(value.shape):
-            raise EPRFormatError(f"{name}: file shape {tuple(value.shape)} != model shape {tuple(own[name].shape)}")
+    for name, shape in stored.items():
+        if tuple(own[name].shape) != tuple(shape):
+            raise EPRFormatError(f"{name}: file shape {tuple(shape)} != model shape {tuple(own[name].shape)}")
     with torch.no_grad():
-        for name, value in state.items():
-            own[name].copy_(value.to(own[name].dtype))
+        for names, value in iter_decoded(meta, arrays):
+            for name in names:
+                own[name].copy_(value.to(own[name].dtype))
     return model
 
 
@@ -375,8 +390,8 @@ class EPRCompressedForImageClassification(PreTrainedModel):
             config = EPRCompressedConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
         base_config = config.to_base_config()
         meta, arrays = read_container(resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **kwargs))
-        model = build_base_model(base_config)
-        load_decoded(model, decode_state_dict(meta, arrays))
+        model = build_base_model(base_config, skip_init=True)  # every tensor is overwritten from the file
+        load_decoded(model, meta, arrays)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if isinstance(dtype, torch.dtype):
             model = model.to(dtype)

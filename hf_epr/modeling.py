@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from . import loader
 from .codec import Container, CodedGroup, atomic_write, ideal_bits, quantize_pmf, symbols_of, table_support
-from .config import EPRConfig
+from .config import EPRConfig, EPRConfigError
 from .entropy import FactorizedDensity, noise_bits, rate_bits
 from .loader import (EPRCompressedConfig, EPRFormatError, WEIGHTS_NAME, build_base_model, dct_latents,
                      read_container, resolve_file)
@@ -62,6 +62,11 @@ class EPRModel(PreTrainedModel):
     def from_base(cls, base: PreTrainedModel, config: EPRConfig | None = None) -> "EPRModel":
         """Wrap ``base`` (modified in place; pass a copy to keep the original) for EPR fine-tuning."""
         config = config or EPRConfig()
+        if not isinstance(base, PreTrainedModel):
+            raise EPRConfigError(f"from_base needs a transformers PreTrainedModel, got {type(base).__name__}; "
+                                 "load one with AutoModelForImageClassification.from_pretrained/from_config")
+        if not isinstance(config, EPRConfig):
+            raise EPRConfigError(f"config must be an EPRConfig, got {type(config).__name__}")
         wrapper_config = EPRCompressedConfig(base_config=base.config.to_dict(), epr=config.to_dict())
         model = cls(wrapper_config, base_model=base)
         model.fit_density()

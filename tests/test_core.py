@@ -142,3 +142,15 @@ def test_plain_loader_in_process_matches(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "epr_compressed" and cfg["base_config"]["model_type"] == "regnet"
     assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModelForImageClassification"}
+
+
+def test_bad_arguments_raise_typed_errors():
+    from hf_epr import EPRConfigError, EPRError
+
+    with pytest.raises(EPRConfigError):
+        EPRModel.from_base(torch.nn.Linear(3, 3))
+    with pytest.raises(EPRConfigError):
+        EPRModel.from_base(tiny_model("resnet"), {"rate_lambda": 1.0})
+    for bad in (dict(rate_lambda=-1), dict(precision=20), dict(dct_grouping="zigzag"), dict(raw_dtype="int8")):
+        with pytest.raises(EPRError):
+            EPRConfig(**bad)
