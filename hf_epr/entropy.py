@@ -72,7 +72,8 @@ class FactorizedDensity(nn.Module):
         return -self.log_prob_between(y - 0.5, y + 0.5, channel) / LN2
 
 
-def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor, max_bins: int = 512) -> torch.Tensor:
+def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor, max_bins: int = 512,
+              bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Bits of round(u) under ``density``, with a straight-through gradient to u (central difference).
 
     ``u`` is a flat tensor of relaxed latents (integer units), ``channel`` the density channel of each.
@@ -82,8 +83,11 @@ def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor
     """
     r = torch.round(u.detach()).long()
     n_ch = density.channels
-    lo = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amin", include_self=False)
-    hi = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amax", include_self=False)
+    if bounds is None:
+        lo = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amin", include_self=False)
+        hi = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amax", include_self=False)
+    else:
+        lo, hi = bounds
     step = torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")  # ceil(width / max_bins)
     m = int(torch.div(hi - lo, step, rounding_mode="floor").max()) + 3  # bins + a spare bin each side
     edges = (lo - step).unsqueeze(1) + torch.arange(m).unsqueeze(0) * step.unsqueeze(1) - 0.5

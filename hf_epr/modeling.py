@@ -93,20 +93,34 @@ class EPRModel(PreTrainedModel):
         with parametrize.cached():
             return self.model(*args, **kwargs)
 
-    def _relaxed_latents(self) -> torch.Tensor:
-        """All latents in integer units, flat, in entry order (channels in ``_latent_channel``)."""
-        if not self.entries:
-            return torch.zeros(0)
-        return torch.cat([e.decoder.relaxed(e.latent).reshape(-1) for e in self.entries])
+    def _relaxed_latents(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """All latents in integer units, flat, in entry order (channels in ``_latent_channel``), and the
+        min and max of their rounded values per channel."""
+        flat, lows, highs = [], [], []
+        for e in self.entries:
+            u = e.decoder.relaxed(e.latent)
+            r = torch.round(u.detach())
+            if e.decoder.kind == "affine":
+                lo, hi = r.aminmax()
+                lo, hi = lo.reshape(1), hi.reshape(1)
+            else:  # per DCT coefficient, then per group of coefficients
+                lo, hi = r.reshape(-1, r.shape[-2] * r.shape[-1]).aminmax(dim=0)
+                g = e.decoder.coef_group
+                lo = torch.full((e.decoder.num_groups,), float("inf")).scatter_reduce(0, g, lo, "amin")
+                hi = torch.full((e.decoder.num_groups,), float("-inf")).scatter_reduce(0, g, hi, "amax")
+            flat.append(u.reshape(-1))
+            lows.append(lo)
+            highs.append(hi)
+        return torch.cat(flat), (torch.cat(lows).long(), torch.cat(highs).long())
 
     def bits(self) -> torch.Tensor:
         """Differentiable estimate of the coded size of all latents, in bits (a 0-dim tensor)."""
         if not self.entries:
             return torch.zeros(())
-        u = self._relaxed_latents()
+        u, bounds = self._relaxed_latents()
         if self.epr_config.rate_relaxation == "noise" and self.training:
             return noise_bits(self.density, u, self._latent_channel)
-        return rate_bits(self.density, u, self._latent_channel)
+        return rate_bits(self.density, u, self._latent_channel, bounds=bounds)
 
     @property
     def num_compressed_parameters(self) -> int:
@@ -119,13 +133,13 @@ class EPRModel(PreTrainedModel):
         if not self.entries:
             return
         with torch.no_grad():
-            u = self._relaxed_latents()
+            u, bounds = self._relaxed_latents()
         opt = torch.optim.Adam(self.density.parameters(), lr=lr)
         n = max(1, self.num_compressed_parameters)
         for _ in range(steps):
             opt.zero_grad()
             with torch.enable_grad():
-                loss = rate_bits(self.density, u, self._latent_channel) / n
+                loss = rate_bits(self.density, u, self._latent_channel, bounds=bounds) / n
                 loss.backward()
             opt.step()
 

@@ -154,3 +154,17 @@ def test_bad_arguments_raise_typed_errors():
     for bad in (dict(rate_lambda=-1), dict(precision=20), dict(dct_grouping="zigzag"), dict(raw_dtype="int8")):
         with pytest.raises(EPRError):
             EPRConfig(**bad)
+
+
+def test_rate_bounds_shortcut_matches_scatter_and_coded_size():
+    from hf_epr.entropy import rate_bits
+
+    model = EPRModel.from_base(tiny_model("convnext"), EPRConfig(init_step_ratio=0.05))
+    model.fit_density(200)
+    u, bounds = model._relaxed_latents()
+    fast = rate_bits(model.density, u, model._latent_channel, bounds=bounds)
+    slow = rate_bits(model.density, u, model._latent_channel)
+    assert torch.allclose(fast, slow)
+    # after fitting, the density's estimate is close to the real coded latents (histogram tables)
+    c = model.to_container()
+    assert 0.9 < float(fast) / ideal_bits(c.groups, c.precision) < 1.25
