@@ -26,8 +26,10 @@ class EPRConfig:
         dct_grouping: density/step groups of k x k conv kernels: "band" (u+v diagonals), "frequency" or "tensor".
         min_group_latents: adjacent DCT bands are merged until each group holds at least this many latents
             (a group costs a table in the file).
-        rate_relaxation: "ste" (exact bits of the rounded latents, straight-through gradient) or "noise"
-            (uniform-noise relaxation).
+        rate_relaxation: how the rate term sees the latents while training: "noise" (u + U(-1/2, 1/2), the
+            uniform-noise relaxation; default) or "ste" (exact bits of round(u), straight-through gradient).
+            Measured on LeNet-300-100 / 5,000 MNIST images, lambda=1, 1,500 steps: noise 4.9 KB at 93.1%
+            test accuracy, ste 43.6 KB at 90.6%. Evaluation always uses the exact bits.
         precision: bits of the integer coding tables (8..16).
         max_table_symbols: widest table; values outside it are escaped and stored as int32.
         density_filters: hidden widths of the monotone density network.
@@ -41,7 +43,7 @@ class EPRConfig:
     init_step_ratio: float = 1.0 / 4096
     dct_grouping: str = "band"
     min_group_latents: int = 2048
-    rate_relaxation: str = "ste"
+    rate_relaxation: str = "noise"
     precision: int = 16
     max_table_symbols: int = 4096
     density_filters: tuple[int, ...] = (3, 3, 3)

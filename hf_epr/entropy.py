@@ -72,6 +72,26 @@ class FactorizedDensity(nn.Module):
         return -self.log_prob_between(y - 0.5, y + 0.5, channel) / LN2
 
 
+def _channel_bins(r: torch.Tensor, channel: torch.Tensor, n_ch: int, max_bins: int,
+                  bounds: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per channel: lowest value ``lo``, bin width ``step`` (1 unless the channel spans > max_bins values),
+    and the common number of bins ``m`` (with a spare bin each side)."""
+    if bounds is None:
+        lo = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amin", include_self=False)
+        hi = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amax", include_self=False)
+    else:
+        lo, hi = bounds
+    step = torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")  # ceil(width / max_bins)
+    m = int(torch.div(hi - lo, step, rounding_mode="floor").max()) + 3
+    return lo, step, m
+
+
+def _bin_bits(density: FactorizedDensity, centers: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Bits of one integer at each center (C, M): -log2 P(center +- step/2) + log2 step."""
+    half = (step.to(centers.dtype) / 2).unsqueeze(1)
+    return -density.log_prob_between(centers - half, centers + half) / LN2 + torch.log2(2 * half)
+
+
 def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor, max_bins: int = 512,
               bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Bits of round(u) under ``density``, with a straight-through gradient to u (central difference).
@@ -80,19 +100,14 @@ def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor
     Latents are histogrammed per channel and the density is evaluated once per histogram bin, so the
     cost is O(latents) plus O(channels x max_bins). A channel whose values span more than ``max_bins``
     integers uses bins of s integers, each integer priced at P(bin) / s; narrower channels are exact.
+    ``bounds`` = (min, max) of round(u) per channel, when the caller has them cheaper than a scatter.
     """
     r = torch.round(u.detach()).long()
     n_ch = density.channels
-    if bounds is None:
-        lo = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amin", include_self=False)
-        hi = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amax", include_self=False)
-    else:
-        lo, hi = bounds
-    step = torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")  # ceil(width / max_bins)
-    m = int(torch.div(hi - lo, step, rounding_mode="floor").max()) + 3  # bins + a spare bin each side
-    edges = (lo - step).unsqueeze(1) + torch.arange(m).unsqueeze(0) * step.unsqueeze(1) - 0.5
-    f = -density.log_prob_between(edges.to(u.dtype), (edges + step.unsqueeze(1)).to(u.dtype)) / LN2
-    f = f + torch.log2(step.to(u.dtype)).unsqueeze(1)  # (C, m): bits of one integer in each bin
+    lo, step, m = _channel_bins(r, channel, n_ch, max_bins, bounds)
+    # bin j of channel c covers [lo + (j-1) * step, lo + j * step - 1]
+    centers = (lo - step).unsqueeze(1) + torch.arange(m).unsqueeze(0) * step.unsqueeze(1) + (step.unsqueeze(1) - 1) / 2
+    f = _bin_bits(density, centers.to(u.dtype), step)
     idx = channel * m + torch.div(r - lo[channel], step[channel], rounding_mode="floor") + 1
     counts = torch.bincount(idx, minlength=n_ch * m).view(n_ch, m).to(f.dtype)
     slope = torch.zeros_like(f)
@@ -100,7 +115,24 @@ def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor
     return (counts * f).sum() + ((u - u.detach()) * slope.view(-1)[idx]).sum()
 
 
-def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    """Bits of u + U(-1/2, 1/2) under ``density`` (the uniform-noise relaxation; one density call per latent)."""
+def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor, max_bins: int = 512,
+               bounds: tuple[torch.Tensor, torch.Tensor] | None = None, resolution: int = 4) -> torch.Tensor:
+    """Bits of u + U(-1/2, 1/2) under ``density`` (the uniform-noise relaxation of Ballé et al.).
+
+    The per-value bits are tabulated per channel on a grid ``resolution`` times finer than the bins of
+    ``rate_bits`` and interpolated linearly, so the cost stays O(latents) + O(channels x bins x resolution).
+    """
+    r = torch.round(u.detach()).long()
+    n_ch = density.channels
+    lo, step, m = _channel_bins(r, channel, n_ch, max_bins, bounds)
+    h = step.to(u.dtype) / resolution  # grid spacing per channel
+    points = (m + 1) * resolution
+    origin = (lo - step).to(u.dtype) - 1  # below every noisy value
+    grid = origin.unsqueeze(1) + torch.arange(points, dtype=u.dtype).unsqueeze(0) * h.unsqueeze(1)
+    f = _bin_bits(density, grid, torch.ones_like(step)).reshape(-1)  # bits of an integer-wide cell at t
     y = u + torch.empty_like(u).uniform_(-0.5, 0.5)
-    return density.neg_log2_pmf(y.unsqueeze(1), channel).sum()
+    pos = ((y - origin[channel]) / h[channel]).clamp(0, points - 1.001)
+    k = pos.detach().floor().long()
+    w = pos - k
+    base = channel * points + k
+    return (f[base] * (1 - w) + f[base + 1] * w).sum()

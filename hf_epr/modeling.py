@@ -119,7 +119,7 @@ class EPRModel(PreTrainedModel):
             return torch.zeros(())
         u, bounds = self._relaxed_latents()
         if self.epr_config.rate_relaxation == "noise" and self.training:
-            return noise_bits(self.density, u, self._latent_channel)
+            return noise_bits(self.density, u, self._latent_channel, bounds=bounds)
         return rate_bits(self.density, u, self._latent_channel, bounds=bounds)
 
     @property

@@ -168,3 +168,17 @@ def test_rate_bounds_shortcut_matches_scatter_and_coded_size():
     # after fitting, the density's estimate is close to the real coded latents (histogram tables)
     c = model.to_container()
     assert 0.9 < float(fast) / ideal_bits(c.groups, c.precision) < 1.25
+
+
+def test_noise_relaxation_tracks_exact_bits():
+    from hf_epr.entropy import noise_bits, rate_bits
+
+    model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(init_step_ratio=0.1))
+    model.fit_density(200)
+    u, bounds = model._relaxed_latents()
+    exact = float(rate_bits(model.density, u, model._latent_channel, bounds=bounds))
+    torch.manual_seed(0)
+    noisy = noise_bits(model.density, u, model._latent_channel, bounds=bounds)
+    noisy.backward()
+    assert 0.8 < float(noisy) / exact < 1.3
+    assert all(p.grad is not None for p in model.parameter_groups()["latents"])
