@@ -23,6 +23,19 @@ class CodedGroup:
     values: np.ndarray  # int32 latents in coding order
 
 
+def varints(values: np.ndarray) -> np.ndarray:
+    """LEB128 encoding (7 bits per byte, high bit = more follows) of non-negative integers < 2**21."""
+    v = np.asarray(values, np.int64)
+    nbytes = 1 + (v >= 1 << 7) + (v >= 1 << 14)
+    out = np.zeros(int(nbytes.sum()), np.uint8)
+    pos = np.cumsum(nbytes) - nbytes
+    for k in range(3):
+        sel = nbytes > k
+        more = (nbytes > k + 1)[sel]
+        out[pos[sel] + k] = ((v[sel] >> (7 * k)) & 0x7F) | (more * 0x80)
+    return out
+
+
 def quantize_pmf(pmf: np.ndarray, precision: int) -> np.ndarray:
     """Integer counts (uint16) summing to ``2**precision``, every symbol >= 1, from probabilities.
 
@@ -124,7 +137,7 @@ class Container:
         }
         arrays = {
             "coded": words,
-            "tables": np.concatenate(tables).astype(np.uint16) if tables else np.zeros(0, np.uint16),
+            "tables": varints(np.concatenate(tables) if tables else np.zeros(0, np.int64)),
             "escapes": escapes,
             "params": np.asarray(self.params, np.float32),
         }

@@ -9,8 +9,8 @@ validates everything before allocating.
 File layout (``epr_weights.safetensors``), all little-endian:
 
 * ``coded``   uint32 words of one range-coded stream holding every integer latent, group by group;
-* ``tables``  uint16 symbol counts of every group's table (sum ``2**precision``, all >= 1, the last
-  symbol of each table is the escape symbol);
+* ``tables``  uint8 LEB128 varints: the symbol counts of every group's table, concatenated (each table
+  sums to ``2**precision``, all counts >= 1, the last symbol of each table is the escape symbol);
 * ``escapes`` int32 values of latents outside their table's range, in coding order;
 * ``params``  float32 decoder parameters (log step sizes, shifts);
 * ``raw.<dtype>`` raw tensors and buffers of one dtype, concatenated.
@@ -125,7 +125,7 @@ def _int(x: Any, lo: int = 0, hi: int = MAX_TOTAL_NUMEL) -> bool:
 
 def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     """Check that metadata and arrays agree, before anything is decoded or allocated."""
-    expect = {"coded": np.uint32, "tables": np.uint16, "escapes": np.int32, "params": np.float32}
+    expect = {"coded": np.uint32, "tables": np.uint8, "escapes": np.int32, "params": np.float32}
     for name, dtype in expect.items():
         _need(name in arrays, f"tensor '{name}' is missing")
         _need(arrays[name].dtype == dtype and arrays[name].ndim == 1, f"tensor '{name}' has the wrong dtype/shape")
@@ -133,7 +133,7 @@ def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     _need(_int(precision, 8, 16), "precision must be an integer in [8, 16]")
     groups = meta.get("groups")
     _need(isinstance(groups, list), "'groups' must be a list")
-    n_tables = len(arrays["tables"])
+    n_tables = len(table_counts(arrays["tables"]))
     total_latents = total_escapes = 0
     for g in groups:
         _need(isinstance(g, list) and len(g) == 4 and all(_int(v, -(1 << 31), 1 << 34) for v in g),
@@ -196,6 +196,22 @@ def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def table_counts(varints: np.ndarray) -> np.ndarray:
+    """Decode the concatenated LEB128 varints of the tables (each value at most 3 bytes) to int64 counts."""
+    b = np.asarray(varints, np.uint8)
+    if b.size == 0:
+        return np.zeros(0, np.int64)
+    ends = np.flatnonzero((b & 0x80) == 0)
+    if ends.size == 0 or ends[-1] != b.size - 1:
+        raise EPRFormatError("the tables' varint stream is truncated")
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 3:
+        raise EPRFormatError("a table count is longer than 3 bytes")
+    shift = 7 * (np.arange(b.size) - np.repeat(starts, lengths))
+    return np.add.reduceat((b & 0x7F).astype(np.int64) << shift, starts)
+
+
 def categorical(counts: np.ndarray, precision: int):
     """The constriction model of one stored integer table (exact dyadic floats, perfect=False)."""
     import constriction
@@ -209,6 +225,7 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[
     import constriction
 
     precision = meta["precision"]
+    counts = table_counts(arrays["tables"])
     decoder = constriction.stream.queue.RangeDecoder(arrays["coded"])
     escapes = arrays["escapes"]
     used = 0
@@ -217,8 +234,8 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[
         if count == 0:
             out.append(np.zeros(0, np.int32))
             continue
-        table = arrays["tables"][off: off + n_sym]
-        if int(table.astype(np.int64).sum()) != (1 << precision) or table.min() == 0:
+        table = counts[off: off + n_sym]
+        if int(table.sum()) != (1 << precision) or table.min() == 0:
             raise EPRFormatError("a stored table does not sum to 2**precision or has a zero count")
         try:
             sym = np.asarray(decoder.decode(categorical(table, precision), count), dtype=np.int32)

@@ -15,7 +15,8 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from . import loader
-from .codec import Container, CodedGroup, atomic_write, ideal_bits, quantize_pmf, symbols_of, table_support
+from .codec import (Container, CodedGroup, atomic_write, ideal_bits, quantize_pmf, symbols_of, table_support,
+                    varints)
 from .config import EPRConfig, EPRConfigError
 from .entropy import FactorizedDensity, noise_bits, rate_bits
 from .loader import (EPRCompressedConfig, EPRFormatError, WEIGHTS_NAME, build_base_model, dct_latents,
@@ -232,7 +233,7 @@ class EPRModel(PreTrainedModel):
                 bits = ideal_bits(groups, c.precision)
                 n_params = 2 if t["kind"] == "affine" else len(groups)
                 n_escapes = sum(symbols_of(g)[1].size for g in groups)
-                nbytes = bits / 8 + 2 * sum(g.counts.size for g in groups) + 4 * (n_params + n_escapes)
+                nbytes = bits / 8 + varints(np.concatenate([g.counts for g in groups])).size + 4 * (n_params + n_escapes)
             accounted += nbytes
             rows.append({"name": t["name"], "shape": t["shape"], "kind": t["kind"], "bits": bits, "bytes": nbytes,
                          "bits_per_param": bits / max(1, math.prod(t["shape"]))})

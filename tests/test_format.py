@@ -159,3 +159,17 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_table_varints_roundtrip_and_reject_garbage():
+    from hf_epr.codec import varints
+    from hf_epr.loader import table_counts
+
+    values = np.array([1, 127, 128, 16383, 16384, 65535, 65536, 3])
+    encoded = varints(values)
+    assert encoded.size == 1 + 1 + 2 + 2 + 3 + 3 + 3 + 1
+    assert np.array_equal(table_counts(encoded), values)
+    with pytest.raises(EPRFormatError):
+        table_counts(encoded[:-2])  # ends inside a value
+    with pytest.raises(EPRFormatError):
+        table_counts(np.array([0x80, 0x80, 0x80, 0x01], np.uint8))  # a 4-byte count
