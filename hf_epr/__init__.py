@@ -3,7 +3,8 @@
 from .config import EPRConfig, EPRConfigError
 from .loader import EPRCompressedConfig, EPRCompressedForImageClassification, EPRError, EPRFormatError
 from .modeling import EPRModel
+from .trainer import EPRTrainer, EPRTrainingArguments, EPRTrainingError
 
 __all__ = ["EPRConfig", "EPRConfigError", "EPRCompressedConfig", "EPRCompressedForImageClassification", "EPRError",
-           "EPRFormatError", "EPRModel"]
+           "EPRFormatError", "EPRModel", "EPRTrainer", "EPRTrainingArguments", "EPRTrainingError"]
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ class FactorizedDensity(nn.Module):
         dims = (1, *filters, 1)
         scales = torch.ones(channels) if init_scales is None else init_scales.float().clamp(min=1.0)
         k = len(filters) + 1
+        generator = torch.Generator().manual_seed(0)  # deterministic, whatever the global RNG state
         self.matrices = nn.ParameterList()
         self.biases = nn.ParameterList()
         self.factors = nn.ParameterList()
@@ -36,7 +37,7 @@ class FactorizedDensity(nn.Module):
             # softplus(H) * x with H initialized so the CDF spans about [-scale, scale] at start
             init = torch.log(torch.expm1(1.0 / scales.pow(1.0 / k) / dims[i + 1]))
             self.matrices.append(nn.Parameter(init.view(-1, 1, 1).expand(channels, dims[i + 1], dims[i]).clone()))
-            self.biases.append(nn.Parameter(torch.rand(channels, dims[i + 1], 1) - 0.5))
+            self.biases.append(nn.Parameter(torch.rand(channels, dims[i + 1], 1, generator=generator) - 0.5))
             if i < k - 1:
                 self.factors.append(nn.Parameter(torch.zeros(channels, dims[i + 1], 1)))
 
@@ -135,4 +136,9 @@ def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tenso
     k = pos.detach().floor().long()
     w = pos - k
     base = channel * points + k
-    return (f[base] * (1 - w) + f[base + 1] * w).sum()
+    # sum_i f[base_i] (1 - w_i) + f[base_i + 1] w_i, written with bincount so the gradient to f is
+    # deterministic (indexing's backward accumulates in a thread-dependent order on CPU)
+    wd = w.detach().double()
+    weight = torch.bincount(base, 1 - wd, minlength=f.numel()) + torch.bincount(base + 1, wd, minlength=f.numel())
+    slope = (f[base + 1] - f[base]).detach()
+    return (f * weight.to(f.dtype)).sum() + ((w - wd.to(w.dtype)) * slope).sum()

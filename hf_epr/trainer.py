@@ -1,0 +1,274 @@
+"""EPRTrainer: one fine-tuning run that minimizes task loss + lambda * bits while keeping the reference's labels."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from .loader import EPRError, WEIGHTS_NAME
+from .metrics import label_agreement
+from .modeling import EPRModel
+
+TRAINING_STATE = "epr_training_state.safetensors"
+POLICY_STATE = "epr_label_preservation.json"
+
+
+class EPRTrainingError(EPRError, ValueError):
+    """EPRTrainer was set up with arguments that cannot work together."""
+
+
+@dataclass
+class EPRTrainingArguments(TrainingArguments):
+    """TrainingArguments plus the EPR rate term and label preservation."""
+
+    rate_lambda: float | None = field(default=None, metadata={
+        "help": "Weight of the rate term: loss = task + rate_lambda * bits / N, N = number of compressed parameters "
+                "(so the term is bits per parameter). Default: the model's EPRConfig.rate_lambda."})
+    latent_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the latent tensors (weight units). Default: learning_rate."})
+    decoder_learning_rate: float = field(default=2e-2, metadata={
+        "help": "Learning rate of the decoders' log step sizes and shifts (no weight decay)."})
+    density_learning_rate: float = field(default=1e-2, metadata={
+        "help": "Learning rate of the learned density (no weight decay)."})
+    label_preservation: str = field(default="auto", metadata={
+        "help": "'off', 'fixed' (kd_weight, label_weight as given) or 'auto' (SoftAdapt: coefficients from the "
+                "loss terms' recent rates of change). Needs a reference_model unless 'off'."})
+    kd_temperature: float = field(default=2.0, metadata={"help": "Softening temperature of the KL term."})
+    kd_weight: float = field(default=1.0, metadata={
+        "help": "Coefficient of KL(teacher || student) on softened outputs (x T^2); the starting value under 'auto'."})
+    label_weight: float = field(default=1.0, metadata={
+        "help": "Coefficient of the cross-entropy to the teacher's argmax label; the starting value under 'auto'."})
+    softadapt_beta: float = field(default=0.1, metadata={"help": "SoftAdapt temperature beta (auto policy)."})
+    softadapt_interval: int = field(default=10, metadata={
+        "help": "Steps between SoftAdapt updates; the slopes compare the means of the last two intervals."})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Kept False: EPRModel.forward passes its inputs through to the base model."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.label_preservation not in ("off", "fixed", "auto"):
+            raise EPRTrainingError(f"label_preservation must be off, fixed or auto, not {self.label_preservation!r}")
+        if self.kd_temperature <= 0 or self.softadapt_interval < 1:
+            raise EPRTrainingError("kd_temperature must be > 0 and softadapt_interval >= 1")
+
+
+class SoftAdapt:
+    """Loss-weighted SoftAdapt (Heydari et al. 2019) over the non-rate loss terms.
+
+    Every ``interval`` steps: s_i = (mean of term i over the last interval) / (mean over the one before) - 1,
+    the terms' relative rates of change; weights w = n * softmax(beta * s / max|s|) * mean_i / sum(means) * n
+    renormalized to sum n, so a term that stops falling (or rises) and a term that is large both get more
+    weight. The coefficients multiply the starting weights (kd_weight, label_weight, 1 for the task loss).
+    """
+
+    def __init__(self, names: list[str], beta: float, interval: int):
+        self.names, self.beta, self.interval = names, beta, interval
+        self.weights = {n: 1.0 for n in names}
+        self.sums = {n: 0.0 for n in names}
+        self.count = 0
+        self.previous: dict[str, float] | None = None
+
+    def update(self, values: dict[str, float]) -> None:
+        for n in self.names:
+            self.sums[n] += values[n]
+        self.count += 1
+        if self.count < self.interval:
+            return
+        means = {n: self.sums[n] / self.count for n in self.names}
+        if self.previous is not None:
+            slopes = np.array([means[n] / max(self.previous[n], 1e-12) - 1.0 for n in self.names])
+            slopes = slopes / max(np.abs(slopes).max(), 1e-12)
+            soft = np.exp(self.beta * slopes - np.max(self.beta * slopes))
+            mean_values = np.array([means[n] for n in self.names])
+            w = soft * mean_values / max(mean_values.sum(), 1e-12)
+            w = len(self.names) * w / max(w.sum(), 1e-12)
+            if np.all(np.isfinite(w)):
+                self.weights = {n: float(v) for n, v in zip(self.names, w)}
+        self.previous, self.sums, self.count = means, {n: 0.0 for n in self.names}, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights, "sums": self.sums, "count": self.count, "previous": self.previous}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights, self.sums = state["weights"], state["sums"]
+        self.count, self.previous = state["count"], state["previous"]
+
+
+class EPRTrainer(Trainer):
+    """Trainer for an :class:`EPRModel`: rate term, label preservation, real coded size at evaluation.
+
+    ``compute_loss`` = c_task * task + c_kd * T^2 * KL(teacher_T || student_T) + c_label * CE(student, teacher
+    argmax) + rate_lambda * bits / N, with N the number of compressed parameters. The task term is skipped
+    for batches without labels (pure teacher signal); the teacher terms need ``reference_model``.
+    ``save_model`` writes the compressed repo; checkpoints also hold the full training state.
+    """
+
+    def __init__(self, *args: Any, reference_model: torch.nn.Module | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, EPRModel):
+            raise EPRTrainingError(f"EPRTrainer needs an EPRModel (EPRModel.from_base(...)), got {type(model).__name__}")
+        args = self.args
+        if args.label_preservation != "off" and reference_model is None:
+            raise EPRTrainingError(f"label_preservation={args.label_preservation!r} needs a reference_model "
+                                   "(the uncompressed model), or set label_preservation='off'")
+        self.reference_model = None
+        if reference_model is not None:
+            self.reference_model = reference_model.to(self.args.device).eval()  # used under no_grad only
+        self.rate_lambda = model.epr_config.rate_lambda if args.rate_lambda is None else args.rate_lambda
+        names = ["task"] + (["kd", "label"] if args.label_preservation != "off" else [])
+        self.policy = SoftAdapt(names, args.softadapt_beta, args.softadapt_interval)
+        self.base_weights = {"task": 1.0, "kd": args.kd_weight, "label": args.label_weight}
+        self._acc: dict[str, float] = {}
+        self._acc_n = 0
+        self.fp32_bytes = 4 * sum(p.numel() for p in model.model.parameters())
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = self.accelerator.unwrap_model(self.model).parameter_groups()
+            a = self.args
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(a, self.model)
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("lr", "weight_decay")}
+            param_groups = [
+                {"params": groups["latents"], "lr": a.latent_learning_rate or a.learning_rate, "weight_decay": 0.0},
+                {"params": groups["decoders"], "lr": a.decoder_learning_rate, "weight_decay": 0.0},
+                {"params": groups["density"], "lr": a.density_learning_rate, "weight_decay": 0.0},
+                {"params": groups["raw"], "lr": a.learning_rate, "weight_decay": a.weight_decay},
+            ]
+            self.optimizer = cls([g for g in param_groups if g["params"]], **kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ loss
+    def coefficients(self) -> dict[str, float]:
+        """Current coefficient of each non-rate term."""
+        if self.args.label_preservation == "auto":
+            return {n: self.base_weights[n] * w for n, w in self.policy.weights.items()}
+        return {n: self.base_weights[n] for n in self.policy.names}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        epr = self.accelerator.unwrap_model(model)
+        inputs = dict(inputs)
+        labels = inputs.get("labels")
+        if labels is not None and bool((labels < 0).all()):
+            inputs.pop("labels")
+            labels = None
+        outputs = model(**inputs)
+        terms: dict[str, torch.Tensor] = {}
+        if labels is not None:
+            terms["task"] = outputs.loss
+        if self.args.label_preservation != "off":
+            with torch.no_grad():
+                key = getattr(epr, "main_input_name", "pixel_values")
+                teacher = self.reference_model(**{key: inputs[key]}).logits
+            t = self.args.kd_temperature
+            terms["kd"] = F.kl_div(F.log_softmax(outputs.logits / t, -1), F.log_softmax(teacher / t, -1),
+                                   log_target=True, reduction="batchmean") * t * t
+            terms["label"] = F.cross_entropy(outputs.logits, teacher.argmax(-1))
+        if not terms:
+            raise EPRTrainingError("a batch has no labels and label_preservation is off: nothing to learn from")
+        coefs = self.coefficients()
+        bits = epr.bits()
+        loss = sum(coefs[n] * v for n, v in terms.items()) + self.rate_lambda * bits / epr.num_compressed_parameters
+        if model.training:
+            values = {n: float(terms[n].detach()) if n in terms else 0.0 for n in self.policy.names}
+            self.policy.update(values)
+            self._record({**{f"{n}_loss": v for n, v in values.items()},
+                          **{f"coef_{n}": c for n, c in coefs.items()}, "bits": float(bits.detach())})
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self._acc[k] = self._acc.get(k, 0.0) + v
+        self._acc_n += 1
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds, at every logging step: each term, its coefficient, estimated bits, KB and ratio vs fp32."""
+        if self._acc_n and "loss" in logs:
+            means = {k: v / self._acc_n for k, v in self._acc.items()}
+            logs.update(means)
+            logs["est_kb"] = means["bits"] / 8 / 1024
+            logs["est_ratio"] = self.fp32_bytes / max(means["bits"] / 8, 1.0)
+            self._acc, self._acc_n = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer metrics + REAL coded size (entropy-coded bytes), ratio, accuracy and label agreement."""
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        epr = self.accelerator.unwrap_model(self.model)
+        report = epr.size_report()
+        extra = {"coded_bytes": report["total_bytes"], "ratio": report["ratio"]}
+        extra.update(self.label_metrics(eval_dataset))
+        extra = {f"{metric_key_prefix}_{k}": v for k, v in extra.items() if v is not None}
+        metrics.update(extra)
+        self.log(extra)
+        return metrics
+
+    @torch.no_grad()
+    def label_metrics(self, eval_dataset=None) -> dict[str, float]:
+        """Accuracy and mismatches of the compressed model vs ground truth and vs the reference model."""
+        epr = self.accelerator.unwrap_model(self.model)
+        loader = self.get_eval_dataloader(eval_dataset)
+        key = getattr(epr, "main_input_name", "pixel_values")
+        was_training = epr.training
+        epr.eval()
+        preds, refs, labels = [], [], []
+        for batch in loader:
+            x = batch[key].to(self.args.device)
+            preds.append(epr(**{key: x}).logits.argmax(-1).cpu())
+            if self.reference_model is not None:
+                refs.append(self.reference_model(**{key: x}).logits.argmax(-1).cpu())
+            y = batch.get("labels")
+            labels.append(y.cpu() if y is not None else torch.full_like(preds[-1], -1))
+        epr.train(was_training)
+        if not preds:
+            return {}
+        p, y = torch.cat(preds), torch.cat(labels)
+        r = torch.cat(refs) if refs else p
+        out = label_agreement(p.numpy(), y.numpy(), r.numpy())
+        return out if refs else {"accuracy": out["accuracy"]}
+
+    # ------------------------------------------------------------------ saving and resuming
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Write the compressed repo (and the processor) instead of fp32 weights."""
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from safetensors.torch import save_file
+
+            from .codec import atomic_write
+
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            epr = self.accelerator.unwrap_model(self.model)
+            state = {k: v.detach().cpu().clone().contiguous() for k, v in epr.state_dict().items()}
+            save_file(state, os.path.join(folder, TRAINING_STATE))
+            atomic_write(os.path.join(folder, POLICY_STATE), json.dumps(self.policy.state_dict()).encode())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from safetensors.torch import load_file
+
+        path = os.path.join(resume_from_checkpoint, TRAINING_STATE)
+        if not os.path.isfile(path):
+            raise EPRTrainingError(f"{resume_from_checkpoint} has no {TRAINING_STATE}: not an EPRTrainer checkpoint")
+        epr = self.accelerator.unwrap_model(model if model is not None else self.model)
+        epr.load_state_dict(load_file(path), strict=True)
+        policy = os.path.join(resume_from_checkpoint, POLICY_STATE)
+        if os.path.isfile(policy):
+            with open(policy) as f:
+                self.policy.load_state_dict(json.load(f))
