@@ -1,5 +1,6 @@
 """hf_epr: entropy penalized reparameterization (EPR) model compression for Hugging Face models."""
 
+from . import models  # registers hf_epr's own architectures (LeNet) with transformers' Auto classes
 from .config import EPRConfig, EPRConfigError
 from .loader import EPRCompressedConfig, EPRCompressedForImageClassification, EPRError, EPRFormatError
 from .modeling import EPRModel

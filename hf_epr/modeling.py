@@ -89,10 +89,13 @@ class EPRModel(PreTrainedModel):
             return torch.stack([3 * flat[ch == c].std() for c in range(entry.decoder.num_groups)])
 
     # ------------------------------------------------------------------ forward and rate
-    def forward(self, *args: Any, **kwargs: Any):
-        """The base model's forward (weights decoded once per call)."""
+    def forward(self, *args: Any, return_bits: bool = False, **kwargs: Any):
+        """The base model's forward (weights decoded once per call). With ``return_bits=True``: a pair
+        ``(outputs, bits())``, the rate computed inside forward so that DistributedDataParallel sees every
+        parameter used once per step."""
         with parametrize.cached():
-            return self.model(*args, **kwargs)
+            outputs = self.model(*args, **kwargs)
+        return (outputs, self.bits()) if return_bits else outputs
 
     def _relaxed_latents(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """All latents in integer units, flat, in entry order (channels in ``_latent_channel``), and the
@@ -122,6 +125,14 @@ class EPRModel(PreTrainedModel):
         if self.epr_config.rate_relaxation == "noise" and self.training:
             return noise_bits(self.density, u, self._latent_channel, bounds=bounds)
         return rate_bits(self.density, u, self._latent_channel, bounds=bounds)
+
+    @torch.no_grad()
+    def exact_bits(self) -> float:
+        """Bits of the current rounded latents under the density (no relaxation, no gradient)."""
+        if not self.entries:
+            return 0.0
+        u, bounds = self._relaxed_latents()
+        return float(rate_bits(self.density, u, self._latent_channel, bounds=bounds))
 
     @property
     def num_compressed_parameters(self) -> int:

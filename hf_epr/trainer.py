@@ -161,7 +161,7 @@ class EPRTrainer(Trainer):
         if labels is not None and bool((labels < 0).all()):
             inputs.pop("labels")
             labels = None
-        outputs = model(**inputs)
+        outputs, bits = model(**inputs, return_bits=True)
         terms: dict[str, torch.Tensor] = {}
         if labels is not None:
             terms["task"] = outputs.loss
@@ -176,13 +176,12 @@ class EPRTrainer(Trainer):
         if not terms:
             raise EPRTrainingError("a batch has no labels and label_preservation is off: nothing to learn from")
         coefs = self.coefficients()
-        bits = epr.bits()
         loss = sum(coefs[n] * v for n, v in terms.items()) + self.rate_lambda * bits / epr.num_compressed_parameters
         if model.training:
             values = {n: float(terms[n].detach()) if n in terms else 0.0 for n in self.policy.names}
             self.policy.update(values)
             self._record({**{f"{n}_loss": v for n, v in values.items()},
-                          **{f"coef_{n}": c for n, c in coefs.items()}, "bits": float(bits.detach())})
+                          **{f"coef_{n}": c for n, c in coefs.items()}, "relaxed_bits": float(bits.detach())})
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, values: dict[str, float]) -> None:
@@ -191,12 +190,15 @@ class EPRTrainer(Trainer):
         self._acc_n += 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds, at every logging step: each term, its coefficient, estimated bits, KB and ratio vs fp32."""
+        """Adds, at every logging step: each term and its coefficient (means since the last log), the bits of
+        the current rounded latents under the density (``bits``; ``relaxed_bits`` is the training surrogate's
+        mean), and the estimated coded KB and ratio vs fp32 (latents only; ``evaluate`` reports real bytes)."""
         if self._acc_n and "loss" in logs:
-            means = {k: v / self._acc_n for k, v in self._acc.items()}
-            logs.update(means)
-            logs["est_kb"] = means["bits"] / 8 / 1024
-            logs["est_ratio"] = self.fp32_bytes / max(means["bits"] / 8, 1.0)
+            logs.update({k: v / self._acc_n for k, v in self._acc.items()})
+            bits = self.accelerator.unwrap_model(self.model).exact_bits()  # of the rounded latents, now
+            logs["bits"] = bits
+            logs["est_kb"] = bits / 8 / 1024
+            logs["est_ratio"] = self.fp32_bytes / max(bits / 8, 1.0)
             self._acc, self._acc_n = {}, 0
         super().log(logs, *args, **kwargs)
 
@@ -222,13 +224,15 @@ class EPRTrainer(Trainer):
         was_training = epr.training
         epr.eval()
         preds, refs, labels = [], [], []
+        gather = self.accelerator.gather_for_metrics  # all ranks' predictions, padding dropped
         for batch in loader:
             x = batch[key].to(self.args.device)
-            preds.append(epr(**{key: x}).logits.argmax(-1).cpu())
-            if self.reference_model is not None:
-                refs.append(self.reference_model(**{key: x}).logits.argmax(-1).cpu())
+            p = epr(**{key: x}).logits.argmax(-1)
             y = batch.get("labels")
-            labels.append(y.cpu() if y is not None else torch.full_like(preds[-1], -1))
+            labels.append(gather(y if y is not None else torch.full_like(p, -1)).cpu())
+            preds.append(gather(p).cpu())
+            if self.reference_model is not None:
+                refs.append(gather(self.reference_model(**{key: x}).logits.argmax(-1)).cpu())
         epr.train(was_training)
         if not preds:
             return {}
