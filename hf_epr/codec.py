@@ -148,6 +148,47 @@ class Container:
         return data.replace(b'"epr_sha256":"' + b"0" * 64 + b'"', b'"epr_sha256":"' + digest + b'"', 1)
 
 
+def size_report(c: Container) -> dict[str, Any]:
+    """Per tensor of a container: name, shape, kind, bits (ideal under its tables), bytes (coded bits + table +
+    decoder parameters + escapes, or raw bytes); totals from the real serialized size."""
+    import math
+
+    total = len(c.to_bytes())
+    rows, accounted = [], 0.0
+    for t in c.tensors:
+        numel = math.prod(t["shape"])
+        if t["kind"] == "raw":
+            nbytes = numel * np.dtype(t["dtype"]).itemsize
+            bits = 8.0 * nbytes
+        else:
+            groups = [c.groups[g] for g in t["groups"]]
+            bits = ideal_bits(groups, c.precision)
+            n_params = 2 if t["kind"] == "affine" else len(groups)
+            n_escapes = sum(symbols_of(g)[1].size for g in groups)
+            nbytes = bits / 8 + varints(np.concatenate([g.counts for g in groups])).size + 4 * (n_params + n_escapes)
+        accounted += nbytes
+        rows.append({"name": t["name"], "shape": t["shape"], "kind": t["kind"], "bits": bits, "bytes": nbytes,
+                     "bits_per_param": bits / max(1, numel)})
+    fp32 = sum(4 * math.prod(t["shape"]) for t in c.tensors)
+    return {"tensors": rows, "total_bytes": total, "container_overhead_bytes": total - accounted,
+            "fp32_bytes": fp32, "ratio": fp32 / total}
+
+
+def container_from_file(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Container:
+    """The Container a read file was written from (decodes the latents)."""
+    from .loader import decode_latents, table_counts
+
+    counts = table_counts(arrays["tables"])
+    latents = decode_latents(meta, arrays)
+    c = Container(precision=meta["precision"], tensors=meta["tensors"], params=arrays["params"].tolist())
+    c.groups = [CodedGroup(lo, counts[off: off + n].astype(np.uint16), v)
+                for (lo, n, off, _), v in zip(meta["groups"], latents)]
+    c.raw = {k.removeprefix("raw."): [v] for k, v in arrays.items() if k.startswith("raw.")}
+    c.extra = {k: v for k, v in meta.items() if k not in ("format", "version", "precision", "coder", "constriction",
+                                                           "n_escapes", "groups", "tensors")}
+    return c
+
+
 _DTYPES = {np.dtype(k): v for k, v in [("uint32", "U32"), ("uint16", "U16"), ("int32", "I32"), ("int64", "I64"),
                                          ("float32", "F32"), ("float16", "F16"), ("bool", "BOOL"), ("uint8", "U8")]}
 

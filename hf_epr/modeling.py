@@ -15,8 +15,7 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from . import loader
-from .codec import (Container, CodedGroup, atomic_write, ideal_bits, quantize_pmf, symbols_of, table_support,
-                    varints)
+from .codec import Container, CodedGroup, atomic_write, quantize_pmf, size_report, table_support
 from .config import EPRConfig, EPRConfigError
 from .entropy import FactorizedDensity, noise_bits, rate_bits
 from .loader import (EPRCompressedConfig, EPRFormatError, WEIGHTS_NAME, build_base_model, dct_latents,
@@ -231,26 +230,7 @@ class EPRModel(PreTrainedModel):
 
     def size_report(self) -> dict[str, Any]:
         """Per tensor: name, shape, kind (affine/dct/raw), bits, bytes; totals. Sizes are from real coding."""
-        c = self.to_container()
-        data = c.to_bytes()
-        rows = []
-        accounted = 0.0
-        for t in c.tensors:
-            if t["kind"] == "raw":
-                nbytes = math.prod(t["shape"]) * np.dtype(t["dtype"]).itemsize
-                bits = 8.0 * nbytes
-            else:
-                groups = [c.groups[g] for g in t["groups"]]
-                bits = ideal_bits(groups, c.precision)
-                n_params = 2 if t["kind"] == "affine" else len(groups)
-                n_escapes = sum(symbols_of(g)[1].size for g in groups)
-                nbytes = bits / 8 + varints(np.concatenate([g.counts for g in groups])).size + 4 * (n_params + n_escapes)
-            accounted += nbytes
-            rows.append({"name": t["name"], "shape": t["shape"], "kind": t["kind"], "bits": bits, "bytes": nbytes,
-                         "bits_per_param": bits / max(1, math.prod(t["shape"]))})
-        fp32 = sum(4 * math.prod(t["shape"]) for t in c.tensors)
-        return {"tensors": rows, "total_bytes": len(data), "container_overhead_bytes": len(data) - accounted,
-                "fp32_bytes": fp32, "ratio": fp32 / len(data)}
+        return size_report(self.to_container())
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Write a compressed repo: config.json (+ auto_map), epr_weights.safetensors and the loader module."""
@@ -266,6 +246,12 @@ class EPRModel(PreTrainedModel):
             atomic_write(os.path.join(save_directory, f"{LOADER_MODULE}.py"), f.read())
         if push_to_hub:
             raise NotImplementedError("use EPRModel.push_to_hub")
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload the compressed repo in one commit (see ``hf_epr.hub.push_to_hub`` for the options)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> "EPRModel":

@@ -264,6 +264,26 @@ class EPRTrainer(Trainer):
             save_file(state, os.path.join(folder, TRAINING_STATE))
             atomic_write(os.path.join(folder, POLICY_STATE), json.dumps(self.policy.state_dict()).encode())
 
+    def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
+                    revision: str | None = None, **kwargs: Any):
+        """Save the compressed repo and upload it in one commit, with a model card of the last evaluation."""
+        from .hub import push_to_hub
+
+        out = self.args.output_dir
+        self.save_model(out)
+        if not self.is_world_process_zero():
+            return None
+        evals = [h for h in self.state.log_history if "eval_coded_bytes" in h]
+        plot = os.path.join(out, "rate_accuracy.png")
+        return push_to_hub(out, self.args.hub_model_id or os.path.basename(os.path.abspath(out)),
+                           commit_message=commit_message, token=token or self.args.hub_token,
+                           private=self.args.hub_private_repo, eval_results=evals[-1] if evals else None,
+                           plot_path=plot if os.path.isfile(plot) else None,
+                           label_preservation=self.args.label_preservation, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Checkpoints are training state: only ``push_to_hub`` uploads (the compressed repo)."""
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from safetensors.torch import load_file
 
