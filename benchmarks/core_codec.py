@@ -1,0 +1,151 @@
+"""Codec benchmark: decode throughput and peak memory of from_pretrained (compressed vs fp32), and coded size
+vs the ideal size under the stored tables, per architecture family.
+
+    python benchmarks/core_codec.py            # full: ResNets of ~1 M, ~5 M and ~25 M parameters
+    python benchmarks/core_codec.py --quick    # smoke run (small models only)
+
+Each load runs in a fresh subprocess (so peak RSS is that load's own). Models are randomly initialised and
+wrapped with a coarse initial step (``init_step_ratio=0.25``, about 4 bits per parameter, the entropy of a
+model after EPR training), so the symbols have a trained model's statistics without a training run.
+Writes ``benchmarks/results/core_codec.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageClassification, ResNetConfig
+
+RESULTS = Path(__file__).parent / "results"
+SIZES = {  # name -> ResNetConfig kwargs
+    "resnet-1M": dict(layer_type="basic", embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1]),
+    "resnet-5M": dict(layer_type="basic", embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1]),
+    "resnet-25M": dict(),  # ResNet-50
+}
+
+LOAD = r"""
+import json, sys, time
+import torch
+from transformers import AutoModelForImageClassification
+kind, folder = sys.argv[1], sys.argv[2]
+from transformers import ResNetForImageClassification  # warm the lazy imports both paths need
+ResNetForImageClassification.__init__
+import hf_epr.loader  # noqa: F401  (imported by both, so both pay the same start-up)
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+base_rss = status("VmRSS:")
+if kind == "epr":
+    from hf_epr import EPRCompressedForImageClassification as cls
+    from hf_epr.loader import WEIGHTS_NAME, decode_latents, read_container
+    t = time.perf_counter()
+    meta, arrays = read_container(f"{folder}/{WEIGHTS_NAME}")
+    t_read = time.perf_counter() - t
+    t = time.perf_counter()
+    n = sum(len(v) for v in decode_latents(meta, arrays))
+    t_decode = time.perf_counter() - t
+else:
+    cls, n, t_read, t_decode = AutoModelForImageClassification, 0, 0.0, 0.0
+t = time.perf_counter()
+model = cls.from_pretrained(folder)
+t_load = time.perf_counter() - t
+rss = status("VmHWM:")
+print(json.dumps({"load_s": t_load, "read_s": t_read, "entropy_decode_s": t_decode, "symbols": n,
+                  "peak_rss_mb": rss / 1024, "rss_over_imports_mb": (rss - base_rss) / 1024}))
+"""
+
+
+def measure_load(kind: str, folder: str, repeats: int) -> dict:
+    """Best-of-``repeats`` load in fresh interpreters."""
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", LOAD, kind, folder], capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return min(runs, key=lambda r: r["load_s"])
+
+
+def speed_rows(names: list[str], repeats: int) -> list[dict]:
+    from hf_epr import EPRConfig, EPRModel
+    from hf_epr.loader import WEIGHTS_NAME
+
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        base = AutoModelForImageClassification.from_config(ResNetConfig(num_labels=10, **SIZES[name])).eval()
+        n_params = sum(p.numel() for p in base.parameters())
+        with tempfile.TemporaryDirectory() as tmp:
+            epr_dir, fp32_dir = os.path.join(tmp, "epr"), os.path.join(tmp, "fp32")
+            EPRModel.from_base(base, EPRConfig(init_step_ratio=0.25)).eval().save_pretrained(epr_dir)
+            from hf_epr import EPRCompressedForImageClassification
+            EPRCompressedForImageClassification.from_pretrained(epr_dir).save_pretrained(fp32_dir)
+            epr, fp32 = measure_load("epr", epr_dir, repeats), measure_load("fp32", fp32_dir, repeats)
+            epr_bytes = os.path.getsize(os.path.join(epr_dir, WEIGHTS_NAME))
+            fp32_bytes = os.path.getsize(os.path.join(fp32_dir, "model.safetensors"))
+        rows.append({
+            "model": name, "params_M": n_params / 1e6, "fp32_MB": fp32_bytes / 1e6, "epr_MB": epr_bytes / 1e6,
+            "epr_load_s": epr["load_s"], "fp32_load_s": fp32["load_s"], "load_ratio": epr["load_s"] / fp32["load_s"],
+            "epr_Mparams_per_s": n_params / 1e6 / epr["load_s"], "fp32_Mparams_per_s": n_params / 1e6 / fp32["load_s"],
+            "constriction_Msymbols_per_s": epr["symbols"] / 1e6 / epr["entropy_decode_s"],
+            "epr_peak_rss_MB": epr["peak_rss_mb"], "fp32_peak_rss_MB": fp32["peak_rss_mb"],
+            "epr_rss_over_imports_MB": epr["rss_over_imports_mb"], "fp32_rss_over_imports_MB": fp32["rss_over_imports_mb"],
+        })
+        print(f"  {name}: done", flush=True)
+    return rows
+
+
+def ideal_rows(steps: int) -> list[dict]:
+    """Coded words vs -sum log2 p under the stored tables, and whole file vs that ideal, per family."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
+    from test_core import train_a_few_steps
+
+    from hf_epr import EPRConfig, EPRModel
+    from hf_epr.codec import encode_groups, ideal_bits
+
+    rows = []
+    for family in sorted(TINY_CONFIGS):
+        model = EPRModel.from_base(tiny_model(family), EPRConfig(rate_lambda=0.5, init_step_ratio=0.05))
+        train_a_few_steps(model, tiny_inputs(family), steps=steps, lam=0.5)
+        c = model.to_container()
+        ideal = ideal_bits(c.groups, c.precision) / 8
+        words = encode_groups(c.groups, c.precision)[0].nbytes
+        rows.append({"model": family, "groups": len(c.groups), "ideal_bytes": round(ideal, 1), "coded_bytes": words,
+                     "coded_over_ideal": words / ideal, "file_bytes": len(c.to_bytes())})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small models, one repeat")
+    args = parser.parse_args()
+    names = ["resnet-1M"] if args.quick else list(SIZES)
+    print("decode speed (fresh process per load, best of runs):", flush=True)
+    speed = speed_rows(names, repeats=1 if args.quick else 3)
+    ideal = ideal_rows(steps=2 if args.quick else 10)
+    text = ("## from_pretrained: compressed vs fp32 safetensors\n\n" + markdown(speed)
+            + "\n\n## coded size vs ideal under the stored tables\n\n" + markdown(ideal) + "\n")
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"core_codec{suffix}.md").write_text(text)
+    (RESULTS / f"core_codec{suffix}.json").write_text(json.dumps({"speed": speed, "rows": ideal}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Training step time: EPRTrainer vs a plain transformers Trainer on the same model, data and batch.
+
+    python benchmarks/step_time.py            # LeNet-300-100 and LeNet5, 300 steps each, batch 64
+    python benchmarks/step_time.py --quick    # 40 steps
+
+The runs alternate in one process (plain, EPR off, EPR auto, repeated) so machine noise hits all of them;
+the table reports the median of the repeats and the ratios. Writes ``benchmarks/results/step_time.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
+from hf_epr.data import load_mnist, mnist_pixel_values
+from hf_epr.models import LeNetConfig, LeNetForImageClassification
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def seconds_per_step(kind: str, base, data, steps: int, out: str) -> float:
+    common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=64, report_to="none",
+                  save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True, use_cpu=True, seed=0,
+                  dataloader_num_workers=0)
+    model = copy.deepcopy(base)
+    if kind == "plain":
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data)
+    else:
+        lp = "off" if kind == "epr (label preservation off)" else "auto"
+        epr = EPRModel.from_base(model, EPRConfig(rate_lambda=0.5, init_step_ratio=1 / 64))
+        trainer = EPRTrainer(model=epr, reference_model=base if lp != "off" else None, train_dataset=data,
+                             args=EPRTrainingArguments(label_preservation=lp, **common))
+    return trainer.train().metrics["train_runtime"] / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    steps, repeats = (40, 1) if args.quick else (300, 3)
+    x, y = load_mnist("train")
+    data = Dataset.from_dict({"pixel_values": mnist_pixel_values(x).numpy(), "labels": y}).with_format("torch")
+    kinds = ["plain", "epr (label preservation off)", "epr (label preservation auto)"]
+    rows = []
+    for variant in ("lenet300-100", "lenet5"):
+        torch.manual_seed(0)
+        base = LeNetForImageClassification(LeNetConfig(variant=variant)).eval()
+        times = {k: [] for k in kinds}
+        for _ in range(repeats):
+            for k in kinds:
+                times[k].append(seconds_per_step(k, base, data, steps, "/tmp/hf_epr_step_time"))
+        plain = statistics.median(times["plain"])
+        for k in kinds:
+            t = statistics.median(times[k])
+            rows.append({"model": variant, "method": k, "ms_per_step": round(1000 * t, 2),
+                         "ratio_vs_plain": round(t / plain, 2)})
+    lines = ["| model | trainer | ms / step | ratio vs plain Trainer |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['method']} | {r['ms_per_step']} | {r['ratio_vs_plain']} |" for r in rows]
+    text = f"Batch 64, {steps} steps, median of {repeats}; torch threads: {torch.get_num_threads()}\n\n" + "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"step_time{suffix}.md").write_text(text + "\n")
+    (RESULTS / f"step_time{suffix}.json").write_text(json.dumps({"rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
