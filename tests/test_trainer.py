@@ -5,25 +5,47 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
+import json
+
 import pytest
 import torch
-from datasets import Dataset
 from transformers import TrainerCallback
 
 from hf_epr import EPRConfig, EPRModel
 from hf_epr.data import load_mnist, mnist_pixel_values
 from hf_epr.loader import WEIGHTS_NAME
 from hf_epr.models import LeNetConfig, LeNetForImageClassification
-from hf_epr.trainer import EPRTrainer, EPRTrainingArguments, EPRTrainingError
+from hf_epr.trainer import POLICY_STATE, TRAINING_STATE, EPRTrainer, EPRTrainingArguments, EPRTrainingError
 
 
-def mnist_subset(n: int, split: str = "train", with_labels: bool = True) -> Dataset:
+class TensorRows(torch.utils.data.Dataset):
+    """Rows of in-memory tensors as dicts (an Arrow-backed Dataset would spend most of each step on formatting)."""
+
+    def __init__(self, **columns: torch.Tensor):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+def mnist_subset(n: int, split: str = "train", with_labels: bool = True) -> TensorRows:
     x, y = load_mnist(split)
-    data = {"pixel_values": mnist_pixel_values(x[:n]).numpy()}
+    data = {"pixel_values": mnist_pixel_values(x[:n])}
     if with_labels:
-        data["labels"] = y[:n]
-    return Dataset.from_dict(data).with_format("torch")
+        data["labels"] = torch.from_numpy(y[:n])
+    return TensorRows(**data)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 shared cores, 2 threads per process oversubscribe and run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def reference(variant: str = "lenet300-100", steps: int = 150) -> LeNetForImageClassification:
@@ -48,9 +70,9 @@ def teacher():
 
 def make_trainer(teacher, tmp_path, lam=1.0, steps=60, lp="auto", train=None, **kw):
     model = EPRModel.from_base(copy.deepcopy(teacher), EPRConfig(rate_lambda=lam, init_step_ratio=1 / 64))
-    kw = {"save_strategy": "no", **kw}
+    kw = {"save_strategy": "no", "logging_steps": 10, **kw}
     args = EPRTrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=64,
-                                learning_rate=1e-3, logging_steps=10, report_to=[], label_preservation=lp, seed=0,
+                                learning_rate=1e-3, report_to=[], label_preservation=lp, seed=0,
                                 disable_tqdm=True, softadapt_interval=5, use_cpu=True, **kw)
     return EPRTrainer(model=model, reference_model=teacher if lp != "off" else None, args=args,
                       train_dataset=train if train is not None else mnist_subset(2000),
@@ -74,7 +96,9 @@ def test_bits_fall_with_lambda_and_eval_reports_real_size(teacher, tmp_path):
     assert metrics["eval_coded_bytes"] == (tmp_path / "saved" / WEIGHTS_NAME).stat().st_size
     assert {"eval_accuracy", "eval_mismatches", "eval_mismatches_ref_correct"} <= set(metrics)
     logged = [h for h in trainer.state.log_history if "est_kb" in h]
-    assert logged and {"task_loss", "kd_loss", "label_loss", "coef_kd", "coef_label", "est_ratio"} <= set(logged[-1])
+    assert logged and {"task_loss", "kd_loss", "label_loss", "coef_kd", "coef_label", "est_ratio", "train_accuracy",
+                       "teacher_agreement"} <= set(logged[-1])
+    assert all(0.5 < h["train_accuracy"] <= 1 and 0.5 < h["teacher_agreement"] <= 1 for h in logged)
 
 
 def test_auto_coefficients_change_and_stay_finite(teacher, tmp_path):
@@ -89,8 +113,20 @@ def test_trains_without_labels(teacher, tmp_path):
     trainer = make_trainer(teacher, tmp_path, steps=20, train=mnist_subset(500, with_labels=False))
     trainer.train()
     assert trainer.state.global_step == 20
+    logged = [h for h in trainer.state.log_history if "kd_loss" in h]
+    assert logged and all(h["task_loss"] == 0 and h["kd_loss"] > 0 and h["label_loss"] > 0 for h in logged)
     with pytest.raises(EPRTrainingError):
         make_trainer(teacher, tmp_path / "x", steps=5, lp="off", train=mnist_subset(100, with_labels=False)).train()
+
+
+def test_partly_labeled_batches(teacher, tmp_path):
+    """Label -1 means "no label": those rows only get the teacher terms, the others also the task loss."""
+    data = mnist_subset(256)
+    data.columns["labels"] = data.columns["labels"].masked_fill(torch.arange(256) % 2 == 0, -1)
+    trainer = make_trainer(teacher, tmp_path, steps=10, lp="fixed", train=data, logging_steps=5)
+    trainer.train()
+    task = [h["task_loss"] for h in trainer.state.log_history if "task_loss" in h]
+    assert len(task) == 2 and all(math.isfinite(t) and t > 0 for t in task)
 
 
 def test_bad_arguments(teacher, tmp_path):
@@ -113,7 +149,7 @@ class StopAt(TrainerCallback):
 
 
 def test_resume_equals_uninterrupted(teacher, tmp_path):
-    kw = dict(steps=12, save_strategy="steps", save_steps=6)
+    kw = dict(steps=12, save_strategy="steps", save_steps=6, logging_steps=4)  # a log window spans the resume
     full = make_trainer(teacher, tmp_path / "full", **kw)
     full.train()
     part = make_trainer(teacher, tmp_path / "part", **kw)
@@ -121,6 +157,13 @@ def test_resume_equals_uninterrupted(teacher, tmp_path):
     part.train()
     resumed = make_trainer(teacher, tmp_path / "part", **kw)
     resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-6"))
+    checkpoint = tmp_path / "part" / "checkpoint-6"
+    assert (checkpoint / TRAINING_STATE).is_file()
+    assert set(json.loads((checkpoint / POLICY_STATE).read_text())["policy"]["weights"]) == {"task", "kd", "label"}
     a, b = full.model.integer_latents(), resumed.model.integer_latents()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed.policy.state_dict()["weights"] == full.policy.state_dict()["weights"]
+    assert resumed.policy.state_dict() == full.policy.state_dict()
+    last = lambda t: [h for h in t.state.log_history if "bits" in h][-1]  # noqa: E731
+    assert last(resumed)["step"] == last(full)["step"] == 12
+    for key in ("bits", "task_loss", "kd_loss", "coef_label"):
+        assert last(resumed)[key] == pytest.approx(last(full)[key], rel=1e-6)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import datasets
 import evaluate
 import numpy as np
+from numpy.typing import ArrayLike
 
 _DESCRIPTION = """Accuracy of a compressed model and of its reference (uncompressed) model, and how often their
 predicted labels differ: overall, where the reference is right, and where it is wrong (Joseph et al.).
-Ground-truth labels may be -1 (unknown): accuracies then cover only the labelled examples."""
+Ground-truth labels may be -1 (any negative label: unknown); accuracies then cover only the labelled examples
+and are None when no example has a label."""
 _CITATION = """@article{joseph2020reliable,
   title={Reliable Model Compression via Label-Preservation-Aware Loss Functions},
   author={Joseph, Vinu and Siddiqui, Shoaib Ahmed and Bhaskara, Aditya and Gopalakrishnan, Ganesh and
@@ -19,7 +21,7 @@ _CITATION = """@article{joseph2020reliable,
   journal={arXiv preprint arXiv:2012.01604}, year={2020}}"""
 _KWARGS = """Args:
     predictions: labels predicted by the compressed model (int).
-    references: ground-truth labels (int, -1 = unknown).
+    references: ground-truth labels (int, negative such as -1 = unknown).
     reference_predictions: labels predicted by the reference model (int).
 Returns: accuracy, reference_accuracy (None without labels), mismatches, mismatch_rate, mismatches_ref_correct,
     mismatches_ref_wrong, mismatch_rate_ref_correct, mismatch_rate_ref_wrong (None where undefined), num_examples."""
@@ -29,8 +31,9 @@ def _rate(count: int, total: int) -> float | None:
     return count / total if total else None
 
 
-def label_agreement(predictions, references, reference_predictions) -> dict:
-    """The metric's numbers as a plain dict (see the module docstring)."""
+def label_agreement(predictions: ArrayLike, references: ArrayLike,
+                    reference_predictions: ArrayLike) -> dict[str, float | int | None]:
+    """The metric's numbers as a plain dict; rates with an empty denominator are None (never NaN)."""
     pred, ref_label, teacher = (np.asarray(a, np.int64).reshape(-1)
                                 for a in (predictions, references, reference_predictions))
     if not len(pred) == len(ref_label) == len(teacher):
@@ -58,11 +61,12 @@ def label_agreement(predictions, references, reference_predictions) -> dict:
 class LabelAgreement(evaluate.Metric):
     """Label agreement between a compressed model and its reference model."""
 
-    def _info(self):
+    def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS,
+            reference_urls=["https://arxiv.org/abs/2012.01604"],
             features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64"),
                                         "reference_predictions": datasets.Value("int64")}))
 
-    def _compute(self, predictions, references, reference_predictions):
+    def _compute(self, predictions, references, reference_predictions) -> dict[str, float | int | None]:
         return label_agreement(predictions, references, reference_predictions)
