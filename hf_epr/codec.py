@@ -6,12 +6,13 @@ import importlib.metadata
 import json
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .loader import FORMAT_NAME, FORMAT_VERSION, categorical, digest_of
+from .loader import FORMAT_NAME, FORMAT_VERSION, META_TENSOR, categorical, digest_of
 
 
 @dataclass
@@ -117,16 +118,9 @@ class Container:
         return offset
 
     def to_bytes(self) -> bytes:
-        """Serialize (safetensors + JSON metadata + checksum)."""
-
-
+        """Serialize: safetensors with the zlib-compressed JSON description as a tensor, and a checksum."""
         words, escapes = encode_groups(self.groups, self.precision)
-        tables, offsets = [], []
-        pos = 0
-        for g in self.groups:
-            offsets.append(pos)
-            tables.append(g.counts)
-            pos += g.counts.size
+        offsets = np.cumsum([0] + [g.counts.size for g in self.groups])[:-1].tolist()
         meta = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "precision": self.precision,
             "coder": "constriction.stream.queue.RangeEncoder/Categorical(perfect=False)",
@@ -135,15 +129,18 @@ class Container:
             "groups": [[int(g.lo), int(g.counts.size), int(o), int(g.values.size)] for g, o in zip(self.groups, offsets)],
             "tensors": self.tensors, **self.extra,
         }
+        description = zlib.compress(json.dumps(meta, separators=(",", ":")).encode(), 9)
         arrays = {
+            META_TENSOR: np.frombuffer(description, np.uint8),
             "coded": words,
-            "tables": varints(np.concatenate(tables) if tables else np.zeros(0, np.int64)),
-            "escapes": escapes,
+            "tables": varints(np.concatenate([g.counts for g in self.groups]) if self.groups else np.zeros(0, np.int64)),
             "params": np.asarray(self.params, np.float32),
         }
+        if escapes.size:
+            arrays["escapes"] = escapes
         for dtype, chunks in self.raw.items():
             arrays[f"raw.{dtype}"] = np.concatenate(chunks)
-        data = safetensors_bytes(arrays, {"epr": json.dumps(meta, separators=(",", ":")), "epr_sha256": "0" * 64})
+        data = safetensors_bytes(arrays, {"format": FORMAT_NAME, "epr_sha256": "0" * 64})
         digest = digest_of(data).encode()
         return data.replace(b'"epr_sha256":"' + b"0" * 64 + b'"', b'"epr_sha256":"' + digest + b'"', 1)
 

@@ -78,8 +78,8 @@ def _channel_bins(r: torch.Tensor, channel: torch.Tensor, n_ch: int, max_bins: i
     """Per channel: lowest value ``lo``, bin width ``step`` (1 unless the channel spans > max_bins values),
     and the common number of bins ``m`` (with a spare bin each side)."""
     if bounds is None:
-        lo = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amin", include_self=False)
-        hi = torch.zeros(n_ch, dtype=torch.long).scatter_reduce(0, channel, r, "amax", include_self=False)
+        lo = torch.zeros(n_ch, dtype=torch.long, device=r.device).scatter_reduce(0, channel, r, "amin", include_self=False)
+        hi = torch.zeros(n_ch, dtype=torch.long, device=r.device).scatter_reduce(0, channel, r, "amax", include_self=False)
     else:
         lo, hi = bounds
     step = torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")  # ceil(width / max_bins)
@@ -107,7 +107,7 @@ def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor
     n_ch = density.channels
     lo, step, m = _channel_bins(r, channel, n_ch, max_bins, bounds)
     # bin j of channel c covers [lo + (j-1) * step, lo + j * step - 1]
-    centers = (lo - step).unsqueeze(1) + torch.arange(m).unsqueeze(0) * step.unsqueeze(1) + (step.unsqueeze(1) - 1) / 2
+    centers = (lo - step).unsqueeze(1) + torch.arange(m, device=lo.device).unsqueeze(0) * step.unsqueeze(1) + (step.unsqueeze(1) - 1) / 2
     f = _bin_bits(density, centers.to(u.dtype), step)
     idx = channel * m + torch.div(r - lo[channel], step[channel], rounding_mode="floor") + 1
     counts = torch.bincount(idx, minlength=n_ch * m).view(n_ch, m).to(f.dtype)
@@ -129,7 +129,7 @@ def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tenso
     h = step.to(u.dtype) / resolution  # grid spacing per channel
     points = (m + 1) * resolution
     origin = (lo - step).to(u.dtype) - 1  # below every noisy value
-    grid = origin.unsqueeze(1) + torch.arange(points, dtype=u.dtype).unsqueeze(0) * h.unsqueeze(1)
+    grid = origin.unsqueeze(1) + torch.arange(points, dtype=u.dtype, device=u.device).unsqueeze(0) * h.unsqueeze(1)
     f = _bin_bits(density, grid, torch.ones_like(step)).reshape(-1)  # bits of an integer-wide cell at t
     y = u + torch.empty_like(u).uniform_(-0.5, 0.5)
     pos = ((y - origin[channel]) / h[channel]).clamp(0, points - 1.001)

@@ -6,17 +6,19 @@ trust_remote_code=True)`` works with only torch, transformers, numpy, safetensor
 installed. It reads safetensors + JSON only (no pickle, no eval/exec, no network of its own) and
 validates everything before allocating.
 
-File layout (``epr_weights.safetensors``), all little-endian:
+File layout (``epr_weights.safetensors``, format version 2), all little-endian:
 
+* ``meta``    uint8: the JSON description (groups, tensors, precision, coder), zlib-compressed;
 * ``coded``   uint32 words of one range-coded stream holding every integer latent, group by group;
 * ``tables``  uint8 LEB128 varints: the symbol counts of every group's table, concatenated (each table
   sums to ``2**precision``, all counts >= 1, the last symbol of each table is the escape symbol);
-* ``escapes`` int32 values of latents outside their table's range, in coding order;
+* ``escapes`` int32 values of latents outside their table's range, in coding order (absent when none);
 * ``params``  float32 decoder parameters (log step sizes, shifts);
 * ``raw.<dtype>`` raw tensors and buffers of one dtype, concatenated.
 
-The safetensors metadata holds ``epr`` (the JSON description below) and ``epr_sha256``, the sha256
-of the whole file with that digest replaced by 64 zeros.
+The safetensors metadata holds ``format`` ("hf_epr") and ``epr_sha256``, the sha256 of the whole file
+with that digest replaced by 64 zeros. Version 1 files (the JSON as the metadata entry ``epr``, always
+an ``escapes`` tensor) are still read.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ import json
 import math
 import os
 import re
+import zlib
 from typing import Any
 
 import numpy as np
 import torch
 
 FORMAT_NAME = "hf_epr"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+META_TENSOR = "meta"
+MAX_META_BYTES = 1 << 26  # 64 MiB of JSON
 WEIGHTS_NAME = "epr_weights.safetensors"
 CONFIG_MODEL_TYPE = "epr_compressed"
 MAX_FILE_BYTES = 1 << 36  # 64 GiB
@@ -83,24 +89,43 @@ def parse_container(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]
     try:
         header = json.loads(data[8: 8 + n])
         stored = header["__metadata__"]["epr_sha256"]
-        meta = json.loads(header["__metadata__"]["epr"])
     except (ValueError, KeyError, TypeError) as err:
         raise EPRFormatError(f"the file's header is not an hf_epr header ({err!r}); was it written by hf_epr?") from None
     if digest_of(data) != stored:
         raise EPRFormatError("checksum mismatch: the file is corrupt (a byte changed or it was truncated); "
                              "download or save it again")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise EPRFormatError("the metadata does not describe an hf_epr file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise EPRFormatError(f"format version {meta.get('version')!r} is not supported by this reader "
-                             f"(it reads version {FORMAT_VERSION}); upgrade hf_epr")
     try:
         from safetensors.numpy import load
         arrays = load(data)
     except Exception as err:  # safetensors raises its own error types
         raise EPRFormatError(f"the safetensors payload is invalid: {err}") from None
+    meta = _description(header["__metadata__"], arrays)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise EPRFormatError("the metadata does not describe an hf_epr file")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise EPRFormatError(f"format version {meta.get('version')!r} is not supported by this reader "
+                             f"(it reads versions {READABLE_VERSIONS}); upgrade hf_epr")
+    arrays.setdefault("escapes", np.zeros(0, np.int32))
     validate(meta, arrays)
     return meta, arrays
+
+
+def _description(metadata: dict[str, str], arrays: dict[str, np.ndarray]) -> Any:
+    """The JSON description: zlib-compressed in the ``meta`` tensor (v2), or the metadata entry ``epr`` (v1)."""
+    try:
+        if "epr" in metadata:
+            return json.loads(metadata["epr"])
+        blob = arrays.pop(META_TENSOR)
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(blob.tobytes(), MAX_META_BYTES)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise EPRFormatError(f"the metadata is truncated or larger than {MAX_META_BYTES} bytes")
+        return json.loads(text)
+    except (ValueError, KeyError, TypeError, zlib.error) as err:
+        if isinstance(err, EPRFormatError):
+            raise
+        raise EPRFormatError(f"the file's description is missing or corrupt ({err!r}); "
+                             "was it written by hf_epr?") from None
 
 
 def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -78,7 +78,9 @@ class EPRModel(PreTrainedModel):
     @staticmethod
     def _local_channels(entry: Entry) -> torch.Tensor:
         ch = entry.decoder.channels(entry.latent)
-        return torch.zeros(entry.latent.numel(), dtype=torch.long) if ch is None else ch
+        if ch is None:
+            return torch.zeros(entry.latent.numel(), dtype=torch.long, device=entry.latent.device)
+        return ch
 
     def _spread(self, entry: Entry) -> torch.Tensor:
         """Initial scale of each group's density: 3 standard deviations of its latents."""
@@ -109,8 +111,9 @@ class EPRModel(PreTrainedModel):
             else:  # per DCT coefficient, then per group of coefficients
                 lo, hi = r.reshape(-1, r.shape[-2] * r.shape[-1]).aminmax(dim=0)
                 g = e.decoder.coef_group
-                lo = torch.full((e.decoder.num_groups,), float("inf")).scatter_reduce(0, g, lo, "amin")
-                hi = torch.full((e.decoder.num_groups,), float("-inf")).scatter_reduce(0, g, hi, "amax")
+                init = torch.full((2, e.decoder.num_groups), float("inf"), device=lo.device)
+                lo = init[0].scatter_reduce(0, g, lo, "amin")
+                hi = (-init[1]).scatter_reduce(0, g, hi, "amax")
             flat.append(u.reshape(-1))
             lows.append(lo)
             highs.append(hi)
@@ -119,7 +122,7 @@ class EPRModel(PreTrainedModel):
     def bits(self) -> torch.Tensor:
         """Differentiable estimate of the coded size of all latents, in bits (a 0-dim tensor)."""
         if not self.entries:
-            return torch.zeros(())
+            return torch.zeros((), device=self.device)
         u, bounds = self._relaxed_latents()
         if self.epr_config.rate_relaxation == "noise" and self.training:
             return noise_bits(self.density, u, self._latent_channel, bounds=bounds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +36,19 @@ def small_container() -> Container:
     return c
 
 
+def with_checksum(arrays: dict) -> bytes:
+    out = safetensors_bytes(arrays, {"format": "hf_epr", "epr_sha256": "0" * 64})
+    return out.replace(b"0" * 64, digest_of(out).encode(), 1)
+
+
 def rewrite(data: bytes, edit) -> bytes:
     """Re-serialize a container after ``edit(meta, arrays)``, with a valid checksum (a crafted file)."""
-    n = int.from_bytes(data[:8], "little")
-    meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["epr"])
     from safetensors.numpy import load
     arrays = load(data)
+    meta = json.loads(zlib.decompress(arrays["meta"].tobytes()))
     edit(meta, arrays)
-    out = safetensors_bytes(arrays, {"epr": json.dumps(meta), "epr_sha256": "0" * 64})
-    return out.replace(b"0" * 64, digest_of(out).encode(), 1)
+    arrays["meta"] = np.frombuffer(zlib.compress(json.dumps(meta).encode()), np.uint8)
+    return with_checksum(arrays)
 
 
 def test_roundtrip_with_escapes():
@@ -56,14 +61,32 @@ def test_roundtrip_with_escapes():
     assert torch.allclose(state["a.weight"], 0.01 * torch.from_numpy(c.groups[0].values).float().view(20, 15))
 
 
-def test_golden_vector():
-    """A file committed by an earlier version must decode to the committed integers, forever."""
-    data = (DATA / "golden.safetensors").read_bytes()
+@pytest.mark.parametrize("version", [1, 2])
+def test_golden_vector(version):
+    """Files committed by earlier versions must decode to the committed integers, forever; the encoder
+    writes the current version's golden bytes exactly."""
+    data = (DATA / f"golden_v{version}.safetensors").read_bytes()
     expected = json.loads((DATA / "golden_expected.json").read_text())
     meta, arrays = parse_container(data)
+    assert meta["version"] == version
     latents = decode_latents(meta, arrays)
     assert [a.tolist() for a in latents] == expected["latents"]
-    assert data == small_container().to_bytes(), "the encoder no longer writes the golden bytes"
+    state = decode_state_dict(meta, arrays)
+    assert state["b.bias"].tolist() == [1.0, -2.0, 0.5]
+    if version == 2:
+        assert data == small_container().to_bytes(), "the encoder no longer writes the golden bytes"
+
+
+def test_description_must_be_small_and_present():
+    from safetensors.numpy import load
+    arrays = load(small_container().to_bytes())
+    bomb = dict(arrays, meta=np.frombuffer(zlib.compress(b" " * (80 << 20), 9), np.uint8))  # 80 MiB of JSON
+    with pytest.raises(EPRFormatError, match="larger than"):
+        parse_container(with_checksum(bomb))
+    with pytest.raises(EPRFormatError, match="description"):
+        parse_container(with_checksum({k: v for k, v in arrays.items() if k != "meta"}))
+    with pytest.raises(EPRFormatError, match="description"):
+        parse_container(with_checksum(dict(arrays, meta=np.frombuffer(b"not zlib", np.uint8))))
 
 
 CRAFTED = {
@@ -75,6 +98,7 @@ CRAFTED = {
     "table outside payload": lambda m, a: m["groups"][1].__setitem__(2, 10 ** 6),
     "raw slice outside payload": lambda m, a: m["tensors"][2].update(offset=2),
     "escape count": lambda m, a: m.update(n_escapes=5),
+    "escapes missing": lambda m, a: a.pop("escapes"),
     "unknown kind": lambda m, a: m["tensors"][1].update(kind="zip"),
 }
 
