@@ -29,7 +29,8 @@ from transformers import AutoModelForImageClassification, ResNetConfig, Trainer,
 
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import load_mnist, mnist_pixel_values
-from hf_epr.loader import WEIGHTS_NAME
+from hf_epr.codec import container_from_file, ideal_bits
+from hf_epr.loader import WEIGHTS_NAME, read_container
 from hf_epr.metrics import label_agreement
 from hf_epr.models import LeNetConfig, LeNetForImageClassification
 
@@ -46,8 +47,10 @@ def build(name: str):
 
 
 def common_args(out: str, steps: int) -> dict:
+    """Adam at 1e-3 decayed linearly to 0 (measured on LeNet5, lambda 0.5, 2,000 steps: 6,649 B at 3.29% error
+    vs 6,760 B at 3.38% with a constant rate)."""
     return dict(output_dir=out, max_steps=steps, per_device_train_batch_size=64, learning_rate=1e-3,
-                lr_scheduler_type="constant", report_to="none", save_strategy="no", logging_steps=100,
+                lr_scheduler_type="linear", report_to="none", save_strategy="no", logging_steps=100,
                 disable_tqdm=True, use_cpu=True, seed=0)
 
 
@@ -81,7 +84,15 @@ def epr_run(name, reference, data, lam, lp, steps, tmp):
                                                    **common_args(tmp, steps)))
     trainer.train()
     trainer.save_model(tmp)
-    return os.path.getsize(os.path.join(tmp, WEIGHTS_NAME)), model
+    return os.path.getsize(os.path.join(tmp, WEIGHTS_NAME)), ideal_file_bytes(os.path.join(tmp, WEIGHTS_NAME)), model
+
+
+def ideal_file_bytes(path: str) -> float:
+    """The file's ideal size: -sum log2 p of its latents under its own stored tables, plus its raw tensors
+    (tables, description, decoder parameters and the coder's tail are the overhead above it)."""
+    meta, arrays = read_container(path)
+    c = container_from_file(meta, arrays)
+    return ideal_bits(c.groups, c.precision) / 8 + sum(v.nbytes for k, v in arrays.items() if k.startswith("raw."))
 
 
 # ---------------------------------------------------------------------------------------------- peers
@@ -188,7 +199,7 @@ def fmt_rows(rows, keys):
 
 def matched(rows, model):
     """For each peer row: the smallest EPR file with test error <= the peer's; ratio peer bytes / EPR bytes."""
-    epr = [r for r in rows if r["model"] == model and r.get("method") == "epr" and r.get("label_preservation") == "auto"]
+    epr = [r for r in rows if r["model"] == model and r.get("method") == "epr"]
     out = []
     for r in rows:
         if r["model"] != model or r.get("method") in ("epr", None) or "bytes" not in r:
@@ -199,6 +210,35 @@ def matched(rows, model):
                     "peer_error": r["test_error"], "epr_bytes": best["bytes"] if best else None,
                     "epr_error": best["test_error"] if best else None,
                     "peer_over_epr": r["bytes"] / best["bytes"] if best else None})
+    return out
+
+
+def floors(rows, match, models) -> list[dict]:
+    """The issue's floors that this benchmark measures, each with the measured figure and whether it is met."""
+    out = []
+    for model in models:
+        ref = next(r for r in rows if r["model"] == model and r.get("method") == "fp32")
+        epr = [r for r in rows if r["model"] == model and r.get("method") == "epr"]
+        ok = [r for r in epr if r["test_error"] <= ref["test_error"] + 0.01 + 1e-9]
+        if model == "lenet5":
+            best = max(ok, key=lambda r: r["ratio"], default=None)
+            out.append({"floor": "lenet5: >= 200x at test error <= reference + 1 point",
+                        "measured": f"{best['ratio']:.0f}x at {100 * best['test_error']:.2f}% ({best['setting']}, "
+                                    f"LP {best['label_preservation']}; reference {100 * ref['test_error']:.2f}%)"
+                        if best else "no run within 1 point", "met": bool(best and best["ratio"] >= 200)})
+        nn = [m for m in match if m["model"] == model and m["peer"].startswith("nncodec")]
+        paired = [m for m in nn if m["peer_over_epr"] is not None]
+        worst = min(paired, key=lambda m: m["peer_over_epr"], default=None)
+        out.append({"floor": f"{model}: EPR >= 1.5x smaller than NNCodec at matched error",
+                    "measured": (f"smallest NNCodec/EPR ratio {worst['peer_over_epr']:.2f} ({worst['peer']}); "
+                                 f"{len(nn) - len(paired)} of {len(nn)} NNCodec settings have lower error than "
+                                 "every EPR run") if worst else "no NNCodec setting is matched by an EPR run",
+                    "met": bool(worst and worst["peer_over_epr"] >= 1.5 and len(paired) == len(nn))})
+        worst_file = max(epr, key=lambda r: r["file_over_ideal"])
+        out.append({"floor": f"{model}: coded file <= 1.02x ideal (tables and description included)",
+                    "measured": f"up to {worst_file['file_over_ideal']:.3f}x ({worst_file['bytes']} B file, "
+                                f"{worst_file['bytes'] - worst_file['ideal_bytes']:.0f} B above ideal)",
+                    "met": worst_file["file_over_ideal"] <= 1.02})
     return out
 
 
@@ -230,7 +270,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["lenet300-100", "lenet5", "resnet"])
     args = parser.parse_args()
     lambdas = [0.2, 2.0] if args.quick else [0.05, 0.2, 0.5, 1.0, 2.0]
-    steps = {"lenet300-100": 1000, "lenet5": 1000, "resnet": 500}
+    steps = {"lenet300-100": 2000, "lenet5": 2000, "resnet": 1000}
     xtr, ytr = load_mnist("train")
     xte, yte = load_mnist("test")
     data = Dataset.from_dict({"pixel_values": mnist_pixel_values(xtr).numpy(), "labels": ytr}).with_format("torch")
@@ -247,13 +287,13 @@ def main() -> None:
             runs += [(0.5 if not args.quick else lambdas[0], lp) for lp in ("off", "fixed")]
         for lam, lp in runs:
             with tempfile.TemporaryDirectory() as tmp:
-                nbytes, model = epr_run(name, reference, data, lam, lp, n_steps, tmp)
+                nbytes, ideal, model = epr_run(name, reference, data, lam, lp, n_steps, tmp)
                 rows.append(row(name, "epr", f"lambda {lam}", nbytes, fp32, predict(model, x), yte, ref_preds, lp=lp,
-                                steps=n_steps))
+                                steps=n_steps, ideal_bytes=round(ideal, 1), file_over_ideal=nbytes / ideal))
             print(f"[{time.time() - t0:.0f}s] {name} epr lambda={lam} lp={lp}: {rows[-1]['bytes']} bytes, "
                   f"error {rows[-1]['test_error']:.4f}", flush=True)
     keys = ["model", "method", "setting", "label_preservation", "bytes", "ratio", "test_error", "mismatches",
-            "mismatches_ref_correct", "error_message"]
+            "mismatches_ref_correct", "file_over_ideal", "error_message"]
     paper = [{"model": m, "method": "EPR paper (60k train)", "bytes": int(b), "ratio": r, "test_error": e}
              for m, (b, r, e, _) in PAPER.items() if m in args.models]
     lp_rows = [r for r in rows if r["model"] == "lenet5" and r.get("method") == "epr" and r["setting"] == (
@@ -264,6 +304,7 @@ def main() -> None:
             r["mismatch_reduction"] = off["mismatches"] / max(1, r["mismatches"])
             r["ref_correct_reduction"] = off["mismatches_ref_correct"] / max(1, r["mismatches_ref_correct"])
     match = [m for name in args.models for m in matched(rows, name)]
+    floor_rows = floors(rows, match, args.models)
     text = ("## EPR on MNIST (ours: 5,000 training images; the paper: 60,000) and peers on the same reference\n\n"
             + fmt_rows(rows + paper, keys)
             + "\n\n## Label preservation (LeNet5, same lambda and steps)\n\n"
@@ -271,12 +312,14 @@ def main() -> None:
                                  "mismatch_reduction", "ref_correct_reduction"])
             + "\n\n## Size ratio peer / EPR at matched (<=) test error\n\n"
             + fmt_rows(match, ["model", "peer", "peer_bytes", "peer_error", "epr_bytes", "epr_error", "peer_over_epr"])
+            + "\n\n## Floors (issue 6)\n\n" + fmt_rows(floor_rows, ["floor", "measured", "met"])
             + f"\n\nWall time {time.time() - t0:.0f} s on {os.cpu_count()} cores.\n")
     print(text)
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"paper_mnist{suffix}.md").write_text(text)
-    (RESULTS / f"paper_mnist{suffix}.json").write_text(json.dumps({"rows": rows, "paper": paper, "matched": match},
+    (RESULTS / f"paper_mnist{suffix}.json").write_text(json.dumps({"rows": rows, "paper": paper, "matched": match,
+                                                                    "floors": floor_rows},
                                                                    indent=1, default=float))
     plot(rows, RESULTS / f"paper_mnist{suffix}.png")
 

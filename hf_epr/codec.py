@@ -130,10 +130,11 @@ class Container:
             "tensors": self.tensors, **self.extra,
         }
         description = zlib.compress(json.dumps(meta, separators=(",", ":")).encode(), 9)
+        counts = np.concatenate([g.counts for g in self.groups]) if self.groups else np.zeros(0, np.int64)
         arrays = {
             META_TENSOR: np.frombuffer(description, np.uint8),
             "coded": words,
-            "tables": varints(np.concatenate([g.counts for g in self.groups]) if self.groups else np.zeros(0, np.int64)),
+            "tables": varints(counts),
             "params": np.asarray(self.params, np.float32),
         }
         if escapes.size:

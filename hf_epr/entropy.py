@@ -73,13 +73,16 @@ class FactorizedDensity(nn.Module):
         return -self.log_prob_between(y - 0.5, y + 0.5, channel) / LN2
 
 
-def _channel_bins(r: torch.Tensor, channel: torch.Tensor, n_ch: int, max_bins: int,
+def _channel_bins(u: torch.Tensor, channel: torch.Tensor, n_ch: int, max_bins: int,
                   bounds: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per channel: lowest value ``lo``, bin width ``step`` (1 unless the channel spans > max_bins values),
-    and the common number of bins ``m`` (with a spare bin each side)."""
+    """Per channel: lowest rounded value ``lo``, bin width ``step`` (1 unless the channel spans > max_bins
+    values), and the common number of bins ``m`` (with a spare bin each side). ``bounds``: the rounded
+    values' (min, max) per channel, when the caller has them (then ``u`` is not scanned)."""
     if bounds is None:
-        lo = torch.zeros(n_ch, dtype=torch.long, device=r.device).scatter_reduce(0, channel, r, "amin", include_self=False)
-        hi = torch.zeros(n_ch, dtype=torch.long, device=r.device).scatter_reduce(0, channel, r, "amax", include_self=False)
+        r = torch.round(u.detach()).long()
+        empty = torch.zeros(n_ch, dtype=torch.long, device=r.device)
+        lo = empty.scatter_reduce(0, channel, r, "amin", include_self=False)
+        hi = empty.scatter_reduce(0, channel, r, "amax", include_self=False)
     else:
         lo, hi = bounds
     step = torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")  # ceil(width / max_bins)
@@ -105,7 +108,7 @@ def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor
     """
     r = torch.round(u.detach()).long()
     n_ch = density.channels
-    lo, step, m = _channel_bins(r, channel, n_ch, max_bins, bounds)
+    lo, step, m = _channel_bins(u, channel, n_ch, max_bins, bounds)
     # bin j of channel c covers [lo + (j-1) * step, lo + j * step - 1]
     centers = (lo - step).unsqueeze(1) + torch.arange(m, device=lo.device).unsqueeze(0) * step.unsqueeze(1) + (step.unsqueeze(1) - 1) / 2
     f = _bin_bits(density, centers.to(u.dtype), step)
@@ -123,9 +126,8 @@ def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tenso
     The per-value bits are tabulated per channel on a grid ``resolution`` times finer than the bins of
     ``rate_bits`` and interpolated linearly, so the cost stays O(latents) + O(channels x bins x resolution).
     """
-    r = torch.round(u.detach()).long()
     n_ch = density.channels
-    lo, step, m = _channel_bins(r, channel, n_ch, max_bins, bounds)
+    lo, step, m = _channel_bins(u, channel, n_ch, max_bins, bounds)
     h = step.to(u.dtype) / resolution  # grid spacing per channel
     points = (m + 1) * resolution
     origin = (lo - step).to(u.dtype) - 1  # below every noisy value
