@@ -269,7 +269,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run")
     parser.add_argument("--models", nargs="*", default=["lenet300-100", "lenet5", "resnet"])
     args = parser.parse_args()
-    lambdas = [0.2, 2.0] if args.quick else [0.05, 0.2, 0.5, 1.0, 2.0]
+    lambdas = [0.2, 2.0] if args.quick else [0.05, 0.2, 0.5, 1.5, 4.0]
     steps = {"lenet300-100": 2000, "lenet5": 2000, "resnet": 1000}
     xtr, ytr = load_mnist("train")
     xte, yte = load_mnist("test")

@@ -73,18 +73,26 @@ def symbols_of(group: CodedGroup) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int32), group.values[esc].astype(np.int32)
 
 
+CODER = "constriction.stream.stack.AnsCoder/Categorical(perfect=False)"
+
+
 def encode_groups(groups: list[CodedGroup], precision: int) -> tuple[np.ndarray, np.ndarray]:
-    """One range-coded stream (uint32 words) for all groups, and the escaped values."""
+    """One ANS stream (uint32 words) for all groups, and the escaped values (in decoding order).
+
+    ANS is a stack: groups are pushed last to first, each in reverse, so decoding pops them in order.
+    (Measured here: ANS decodes 1.2-2x faster than constriction's range decoder at equal size.)
+    """
     import constriction
 
-    encoder = constriction.stream.queue.RangeEncoder()
+    encoder = constriction.stream.stack.AnsCoder()
     escapes = []
-    for g in groups:
+    for g in reversed(groups):
         if g.values.size == 0:
             continue
         sym, esc = symbols_of(g)
-        encoder.encode(sym, categorical(g.counts, precision))
+        encoder.encode_reverse(sym, categorical(g.counts, precision))
         escapes.append(esc)
+    escapes.reverse()
     words = np.asarray(encoder.get_compressed(), dtype=np.uint32)
     return words, (np.concatenate(escapes) if escapes else np.zeros(0, np.int32)).astype(np.int32)
 
@@ -123,7 +131,7 @@ class Container:
         offsets = np.cumsum([0] + [g.counts.size for g in self.groups])[:-1].tolist()
         meta = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "precision": self.precision,
-            "coder": "constriction.stream.queue.RangeEncoder/Categorical(perfect=False)",
+            "coder": CODER,
             "constriction": importlib.metadata.version("constriction"),
             "n_escapes": int(escapes.size),
             "groups": [[int(g.lo), int(g.counts.size), int(o), int(g.values.size)] for g, o in zip(self.groups, offsets)],

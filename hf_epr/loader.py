@@ -245,13 +245,27 @@ def categorical(counts: np.ndarray, precision: int):
     return constriction.stream.model.Categorical(probs, perfect=False)
 
 
-def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Decode every group's integer latents (int32), in group order."""
+CODERS = {  # the "coder" entry of the description -> how to open the stream for decoding
+    "constriction.stream.stack.AnsCoder/Categorical(perfect=False)": "stack.AnsCoder",  # version 2
+    "constriction.stream.queue.RangeEncoder/Categorical(perfect=False)": "queue.RangeDecoder",  # version 1
+}
+
+
+def open_stream(coder: str, words: np.ndarray):
+    """A constriction decoder over ``words`` for a file written with ``coder``."""
     import constriction
 
+    if coder not in CODERS:
+        raise EPRFormatError(f"unknown entropy coder {coder!r}; this reader knows {sorted(CODERS)}")
+    module, cls = CODERS[coder].split(".")
+    return getattr(getattr(constriction.stream, module), cls)(np.ascontiguousarray(words, np.uint32))
+
+
+def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Decode every group's integer latents (int32), in group order."""
     precision = meta["precision"]
     counts = table_counts(arrays["tables"])
-    decoder = constriction.stream.queue.RangeDecoder(arrays["coded"])
+    decoder = open_stream(meta.get("coder"), arrays["coded"])
     escapes = arrays["escapes"]
     used = 0
     out = []

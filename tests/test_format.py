@@ -99,6 +99,7 @@ CRAFTED = {
     "raw slice outside payload": lambda m, a: m["tensors"][2].update(offset=2),
     "escape count": lambda m, a: m.update(n_escapes=5),
     "escapes missing": lambda m, a: a.pop("escapes"),
+    "unknown coder": lambda m, a: m.update(coder="zlib"),
     "unknown kind": lambda m, a: m["tensors"][1].update(kind="zip"),
 }
 
