@@ -1,10 +1,13 @@
 """Training step time: EPRTrainer vs a plain transformers Trainer on the same model, data and batch.
 
-    python benchmarks/step_time.py            # LeNet-300-100 and LeNet5, 300 steps each, batch 64
+    python benchmarks/step_time.py            # LeNet-300-100, LeNet5 and a small ResNet; 300 steps, batch 64
     python benchmarks/step_time.py --quick    # 40 steps
 
 The runs alternate in one process (plain, EPR off, EPR auto, repeated) so machine noise hits all of them;
-the table reports the median of the repeats and the ratios. Writes ``benchmarks/results/step_time.{md,json}``.
+the table reports the median of the repeats and the ratios. The data are in-memory tensors (an Arrow-backed
+dataset's row formatting would add the same constant to every trainer and hide the ratio). A second table splits
+the EPR overhead: the rate term alone (``bits()`` forward and backward) per step, against the plain step.
+Writes ``benchmarks/results/step_time.{md,json}``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import json
 import statistics
 from pathlib import Path
 
+import time
+
 import torch
-from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import AutoModelForImageClassification, ResNetConfig, Trainer, TrainingArguments
 
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
-from hf_epr.data import load_mnist, mnist_pixel_values
+from hf_epr.data import TensorRows, load_mnist, mnist_pixel_values
 from hf_epr.models import LeNetConfig, LeNetForImageClassification
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,18 +45,37 @@ def seconds_per_step(kind: str, base, data, steps: int, out: str) -> float:
     return trainer.train().metrics["train_runtime"] / steps
 
 
+def build(name: str):
+    if name == "resnet":  # the small ResNet of paper_mnist.py (conv-heavy: more compute per parameter)
+        return AutoModelForImageClassification.from_config(ResNetConfig(
+            num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
+            num_labels=10))
+    return LeNetForImageClassification(LeNetConfig(variant=name))
+
+
+def rate_term_seconds(base, calls: int) -> float:
+    """Median time of the rate term alone: ``bits()`` forward and backward, as in a training step."""
+    epr = EPRModel.from_base(copy.deepcopy(base), EPRConfig(rate_lambda=0.5, init_step_ratio=1 / 64)).train()
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        (epr.bits() / epr.num_compressed_parameters).backward()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     steps, repeats = (40, 1) if args.quick else (300, 3)
     x, y = load_mnist("train")
-    data = Dataset.from_dict({"pixel_values": mnist_pixel_values(x).numpy(), "labels": y}).with_format("torch")
+    data = TensorRows({"pixel_values": mnist_pixel_values(x), "labels": torch.from_numpy(y)})
     kinds = ["plain", "epr (label preservation off)", "epr (label preservation auto)"]
-    rows = []
-    for variant in ("lenet300-100", "lenet5"):
+    rows, parts = [], []
+    for variant in ("lenet300-100", "lenet5", "resnet"):
         torch.manual_seed(0)
-        base = LeNetForImageClassification(LeNetConfig(variant=variant)).eval()
+        base = build(variant).eval()
         times = {k: [] for k in kinds}
         for _ in range(repeats):
             for k in kinds:
@@ -62,14 +85,22 @@ def main() -> None:
             t = statistics.median(times[k])
             rows.append({"model": variant, "method": k, "ms_per_step": round(1000 * t, 2),
                          "ratio_vs_plain": round(t / plain, 2)})
+        rate = rate_term_seconds(base, 20 if args.quick else 100)
+        parts.append({"model": variant, "parameters": sum(p.numel() for p in base.parameters()),
+                      "plain_ms": round(1000 * plain, 2), "rate_term_ms": round(1000 * rate, 2),
+                      "rate_over_plain": round(rate / plain, 2)})
     lines = ["| model | trainer | ms / step | ratio vs plain Trainer |", "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['method']} | {r['ms_per_step']} | {r['ratio_vs_plain']} |" for r in rows]
+    lines += ["", "| model | parameters | plain step ms | rate term ms (bits() fwd+bwd) | rate / plain step |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {p['model']} | {p['parameters']} | {p['plain_ms']} | {p['rate_term_ms']} | {p['rate_over_plain']} |"
+              for p in parts]
     text = f"Batch 64, {steps} steps, median of {repeats}; torch threads: {torch.get_num_threads()}\n\n" + "\n".join(lines)
     print(text)
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"step_time{suffix}.md").write_text(text + "\n")
-    (RESULTS / f"step_time{suffix}.json").write_text(json.dumps({"rows": rows}, indent=1))
+    (RESULTS / f"step_time{suffix}.json").write_text(json.dumps({"rows": rows, "rate_term": parts}, indent=1))
 
 
 if __name__ == "__main__":

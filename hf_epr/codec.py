@@ -74,27 +74,46 @@ def symbols_of(group: CodedGroup) -> tuple[np.ndarray, np.ndarray]:
 
 
 CODER = "constriction.stream.stack.AnsCoder/Categorical(perfect=False)"
+STREAM_SYMBOLS = 1 << 22  # about 0.1 s of decoding: files with more symbols get one stream per this many
+MAX_STREAMS = 16
 
 
-def encode_groups(groups: list[CodedGroup], precision: int) -> tuple[np.ndarray, np.ndarray]:
-    """One ANS stream (uint32 words) for all groups, and the escaped values (in decoding order).
+def split_streams(groups: list[CodedGroup], target: int | None = None) -> list[int]:
+    """Number of consecutive groups in each stream: about ``total / target`` streams (at most MAX_STREAMS) of
+    balanced symbol counts, cut at group boundaries, so that several processes can decode a large file."""
+    target = target or STREAM_SYMBOLS
+    sizes = np.array([g.values.size for g in groups], np.int64)
+    n = int(min(MAX_STREAMS, len(groups), max(1, -(-int(sizes.sum()) // target))))
+    if n <= 1:
+        return [len(groups)]
+    ends = np.searchsorted(np.cumsum(sizes), sizes.sum() * np.arange(1, n) / n) + 1  # first group after each cut
+    cuts = sorted(set(int(e) for e in ends if 0 < e < len(groups)))
+    return np.diff([0, *cuts, len(groups)]).tolist()
 
-    ANS is a stack: groups are pushed last to first, each in reverse, so decoding pops them in order.
-    (Measured here: ANS decodes 1.2-2x faster than constriction's range decoder at equal size.)
+
+def encode_groups(groups: list[CodedGroup], precision: int,
+                  streams: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """ANS streams (uint32 words, concatenated) for consecutive runs of ``streams[k]`` groups, the escaped
+    values (in decoding order), and ``[n_words, n_groups]`` per stream.
+
+    ANS is a stack: a stream's groups are pushed last to first, each in reverse, so decoding pops them in
+    order. (Measured here: ANS decodes 1.2-2x faster than constriction's range decoder at equal size.)
     """
     import constriction
 
-    encoder = constriction.stream.stack.AnsCoder()
-    escapes = []
-    for g in reversed(groups):
-        if g.values.size == 0:
-            continue
-        sym, esc = symbols_of(g)
-        encoder.encode_reverse(sym, categorical(g.counts, precision))
-        escapes.append(esc)
-    escapes.reverse()
-    words = np.asarray(encoder.get_compressed(), dtype=np.uint32)
-    return words, (np.concatenate(escapes) if escapes else np.zeros(0, np.int32)).astype(np.int32)
+    streams = [len(groups)] if streams is None else streams
+    words, escapes, table, first = [], [], [], 0
+    for n in streams:
+        encoder = constriction.stream.stack.AnsCoder()
+        for g in reversed(groups[first: first + n]):
+            if g.values.size:
+                encoder.encode_reverse(symbols_of(g)[0], categorical(g.counts, precision))
+        words.append(np.asarray(encoder.get_compressed(), dtype=np.uint32))
+        table.append([int(words[-1].size), n])
+        first += n
+    escapes = [symbols_of(g)[1] for g in groups]
+    return (np.concatenate(words) if words else np.zeros(0, np.uint32),
+            (np.concatenate(escapes) if escapes else np.zeros(0, np.int32)).astype(np.int32), table)
 
 
 def ideal_bits(groups: list[CodedGroup], precision: int) -> float:
@@ -127,7 +146,7 @@ class Container:
 
     def to_bytes(self) -> bytes:
         """Serialize: safetensors with the zlib-compressed JSON description as a tensor, and a checksum."""
-        words, escapes = encode_groups(self.groups, self.precision)
+        words, escapes, streams = encode_groups(self.groups, self.precision, split_streams(self.groups))
         offsets = np.cumsum([0] + [g.counts.size for g in self.groups])[:-1].tolist()
         meta = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "precision": self.precision,
@@ -137,6 +156,8 @@ class Container:
             "groups": [[int(g.lo), int(g.counts.size), int(o), int(g.values.size)] for g, o in zip(self.groups, offsets)],
             "tensors": self.tensors, **self.extra,
         }
+        if len(streams) > 1:
+            meta["streams"] = streams
         description = zlib.compress(json.dumps(meta, separators=(",", ":")).encode(), 9)
         counts = np.concatenate([g.counts for g in self.groups]) if self.groups else np.zeros(0, np.int64)
         arrays = {
@@ -190,8 +211,8 @@ def container_from_file(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> 
     c.groups = [CodedGroup(lo, counts[off: off + n].astype(np.uint16), v)
                 for (lo, n, off, _), v in zip(meta["groups"], latents)]
     c.raw = {k.removeprefix("raw."): [v] for k, v in arrays.items() if k.startswith("raw.")}
-    c.extra = {k: v for k, v in meta.items() if k not in ("format", "version", "precision", "coder", "constriction",
-                                                           "n_escapes", "groups", "tensors")}
+    known = ("format", "version", "precision", "coder", "constriction", "streams", "n_escapes", "groups", "tensors")
+    c.extra = {k: v for k, v in meta.items() if k not in known}
     return c
 
 

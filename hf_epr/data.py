@@ -115,3 +115,20 @@ def mnist_image_processor():
     return ViTImageProcessorPil(do_resize=False, size={"height": 28, "width": 28}, do_rescale=True,
                                 rescale_factor=1 / 255, do_normalize=True, image_mean=[MNIST_MEAN],
                                 image_std=[MNIST_STD], do_convert_rgb=False)
+
+
+class TensorRows(torch.utils.data.Dataset):
+    """Rows of in-memory tensors as dicts, e.g. ``TensorRows({"pixel_values": x, "labels": y})``: for small
+    datasets, an Arrow-backed ``datasets.Dataset`` spends more time formatting rows than a LeNet step takes."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"columns must be non-empty and of equal length, got lengths {sorted(lengths)}")
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.columns.items()}

@@ -212,6 +212,13 @@ def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
                   f"{t['name']}: its group holds a different number of latents than its {numel} elements")
         coded_numel += numel
     _need(coded_numel == total_latents, f"tensors need {coded_numel} latents, groups hold {total_latents}")
+    if "streams" in meta:
+        streams = meta["streams"]
+        _need(isinstance(streams, list) and streams and all(
+            isinstance(x, list) and len(x) == 2 and _int(x[0]) and _int(x[1], 1) for x in streams),
+            "'streams' must be a non-empty list of [n_words, n_groups]")
+        _need(sum(x[0] for x in streams) == arrays["coded"].size and sum(x[1] for x in streams) == len(groups),
+              "the streams do not cover the coded words and the groups exactly")
     total_escapes = meta.get("n_escapes")
     _need(_int(total_escapes) and total_escapes == arrays["escapes"].size, "escape count disagrees with payload")
 
@@ -261,27 +268,96 @@ def open_stream(coder: str, words: np.ndarray):
     return getattr(getattr(constriction.stream, module), cls)(np.ascontiguousarray(words, np.uint32))
 
 
-def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Decode every group's integer latents (int32), in group order."""
-    precision = meta["precision"]
+def stream_plan(meta: dict[str, Any], n_words: int) -> list[tuple[int, int, int, int]]:
+    """(first word, end word, first group, end group) of each independently decodable stream; files with
+    one stream (all version 1 files) have no ``streams`` entry."""
+    streams = meta.get("streams", [[n_words, len(meta["groups"])]])
+    plan, word, group = [], 0, 0
+    for n, g in streams:
+        plan.append((word, word + n, group, group + g))
+        word, group = word + n, group + g
+    return plan
+
+
+def _decode_symbols(meta: dict[str, Any], words: np.ndarray, counts: np.ndarray, groups: range,
+                    starts: np.ndarray, out: np.ndarray) -> None:
+    """Decode the table indices of ``groups`` (one stream) into ``out`` at each group's start."""
+    decoder = open_stream(meta.get("coder"), words)
+    for i in groups:
+        lo, n_sym, off, count = meta["groups"][i]
+        if count:
+            model = categorical(counts[off: off + n_sym], meta["precision"])
+            out[starts[i]: starts[i] + count] = decoder.decode(model, count)
+
+
+def decode_processes() -> int:
+    """Processes that decode a multi-stream file: ``$HF_EPR_DECODE_PROCESSES``, else the CPUs this process may
+    use (1 where ``os.fork`` does not exist). constriction holds the GIL while it decodes, so threads would not
+    help; forked children write into shared memory (nothing is pickled)."""
+    if not hasattr(os, "fork"):
+        return 1
+    value = os.environ.get("HF_EPR_DECODE_PROCESSES")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise EPRError(f"HF_EPR_DECODE_PROCESSES must be a positive integer, not {value!r}")
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
+                   processes: int | None = None) -> list[np.ndarray]:
+    """Decode every group's integer latents (int32), in group order; the streams of a multi-stream file
+    are decoded by up to ``processes`` processes at once (default: :func:`decode_processes`)."""
+    import mmap
+
+    precision, groups = meta["precision"], meta["groups"]
     counts = table_counts(arrays["tables"])
-    decoder = open_stream(meta.get("coder"), arrays["coded"])
-    escapes = arrays["escapes"]
-    used = 0
-    out = []
-    for lo, n_sym, off, count in meta["groups"]:
-        if count == 0:
-            out.append(np.zeros(0, np.int32))
-            continue
+    for lo, n_sym, off, count in groups:
         table = counts[off: off + n_sym]
-        if int(table.sum()) != (1 << precision) or table.min() == 0:
+        if count and (int(table.sum()) != (1 << precision) or table.min() == 0):
             raise EPRFormatError("a stored table does not sum to 2**precision or has a zero count")
-        try:
-            sym = np.asarray(decoder.decode(categorical(table, precision), count), dtype=np.int32)
-        except Exception as err:
-            raise EPRFormatError(f"the coded stream is corrupt: {err}") from None
-        esc = sym == n_sym - 1
-        values = sym + np.int32(lo)
+    sizes = np.array([g[3] for g in groups], np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(starts[-1])
+    plan = stream_plan(meta, arrays["coded"].size)
+    processes = min(len(plan), decode_processes() if processes is None else processes)
+    shared = mmap.mmap(-1, max(4 * total, 1)) if processes > 1 else None  # anonymous, shared with children
+    symbols = np.frombuffer(shared, np.int32, total) if shared is not None else np.empty(total, np.int32)
+
+    def run(jobs: list[tuple[int, int, int, int]]) -> None:
+        for w0, w1, g0, g1 in jobs:
+            _decode_symbols(meta, arrays["coded"][w0:w1], counts, range(g0, g1), starts, symbols)
+
+    children = []
+    try:
+        for k in range(1, processes):
+            pid = os.fork()
+            if pid == 0:  # child: decode its share of the streams into the shared buffer, then leave at once
+                code = 1
+                try:
+                    run(plan[k::processes])
+                    code = 0
+                finally:
+                    os._exit(code)
+            children.append(pid)
+        run(plan[0::processes])
+    except EPRFormatError:
+        raise
+    except Exception as err:
+        raise EPRFormatError(f"the coded stream is corrupt: {err}") from None
+    finally:
+        failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
+    if failed:
+        raise EPRFormatError("the coded stream is corrupt: a decoding process failed")
+    symbols = symbols.copy() if shared is not None else symbols
+    if shared is not None:
+        shared.close()
+
+    escapes, used, out = arrays["escapes"], 0, []
+    for (lo, n_sym, _, count), start in zip(groups, starts):
+        values = symbols[start: start + count]
+        esc = values == n_sym - 1
+        values += np.int32(lo)
         k = int(esc.sum())
         if k:
             if used + k > escapes.size:

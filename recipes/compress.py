@@ -34,7 +34,7 @@ from transformers import (AutoImageProcessor, AutoModelForImageClassification, H
                           TrainingArguments, set_seed)
 
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
-from hf_epr.data import mnist_dataset, mnist_image_processor
+from hf_epr.data import TensorRows, mnist_dataset, mnist_image_processor
 from hf_epr.loader import WEIGHTS_NAME
 from hf_epr.models import LeNetConfig, LeNetForImageClassification
 
@@ -96,19 +96,6 @@ def load_splits(data_args: DataArguments):
     if data_args.max_eval_samples:
         test = test.select(range(min(data_args.max_eval_samples, len(test))))
     return train, test
-
-
-class TensorRows(torch.utils.data.Dataset):
-    """Rows of in-memory tensors, as dicts."""
-
-    def __init__(self, columns: dict[str, torch.Tensor]):
-        self.columns = columns
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values())))
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.columns.items()}
 
 
 def preprocess(dataset, processor, data_args: DataArguments):

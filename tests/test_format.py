@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from hf_epr import EPRConfig, EPRFormatError, EPRModel
+from hf_epr import EPRConfig, EPRError, EPRFormatError, EPRModel
 from hf_epr.codec import Container, CodedGroup, quantize_pmf, safetensors_bytes
 from hf_epr.loader import (EPRCompressedForImageClassification, WEIGHTS_NAME, decode_latents, decode_state_dict,
                            digest_of, parse_container)
@@ -75,6 +75,39 @@ def test_golden_vector(version):
     assert state["b.bias"].tolist() == [1.0, -2.0, 0.5]
     if version == 2:
         assert data == small_container().to_bytes(), "the encoder no longer writes the golden bytes"
+
+
+def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch):
+    import os
+
+    import hf_epr.codec as codec
+    import hf_epr.loader as loader
+
+    c = small_container()
+    c.groups += [CodedGroup(-3, quantize_pmf(np.ones(8), 16), np.arange(-3, 4, dtype=np.int32).repeat(30))]
+    c.tensors.append({"name": "c.weight", "shape": [210], "kind": "affine", "groups": [2], "params": 4})
+    c.params += [0.0, 0.0]
+    monkeypatch.setattr(codec, "STREAM_SYMBOLS", 250)  # 712 symbols -> 3 streams of whole groups
+    meta, arrays = parse_container(c.to_bytes())
+    assert [n for _, n in meta["streams"]] == [1, 1, 1]
+    for processes in (1, 2, 3):
+        latents = decode_latents(meta, arrays, processes=processes)
+        assert all(np.array_equal(a, g.values) for a, g in zip(latents, c.groups))
+
+    parent = os.getpid()
+    real = loader._decode_symbols
+
+    def fails_in_child(*args):
+        if os.getpid() != parent:
+            raise RuntimeError("boom")
+        return real(*args)
+
+    monkeypatch.setattr(loader, "_decode_symbols", fails_in_child)
+    with pytest.raises(EPRFormatError, match="decoding process failed"):
+        decode_latents(meta, arrays, processes=2)
+    monkeypatch.setenv("HF_EPR_DECODE_PROCESSES", "two")
+    with pytest.raises(EPRError, match="HF_EPR_DECODE_PROCESSES"):
+        decode_latents(meta, arrays)
 
 
 def test_description_must_be_small_and_present():

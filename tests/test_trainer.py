@@ -12,23 +12,10 @@ import torch
 from transformers import TrainerCallback
 
 from hf_epr import EPRConfig, EPRModel
-from hf_epr.data import load_mnist, mnist_pixel_values
+from hf_epr.data import TensorRows, load_mnist, mnist_pixel_values
 from hf_epr.loader import WEIGHTS_NAME
 from hf_epr.models import LeNetConfig, LeNetForImageClassification
 from hf_epr.trainer import POLICY_STATE, TRAINING_STATE, EPRTrainer, EPRTrainingArguments, EPRTrainingError
-
-
-class TensorRows(torch.utils.data.Dataset):
-    """Rows of in-memory tensors as dicts (an Arrow-backed Dataset would spend most of each step on formatting)."""
-
-    def __init__(self, **columns: torch.Tensor):
-        self.columns = columns
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values())))
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.columns.items()}
 
 
 def mnist_subset(n: int, split: str = "train", with_labels: bool = True) -> TensorRows:
@@ -36,7 +23,7 @@ def mnist_subset(n: int, split: str = "train", with_labels: bool = True) -> Tens
     data = {"pixel_values": mnist_pixel_values(x[:n])}
     if with_labels:
         data["labels"] = torch.from_numpy(y[:n])
-    return TensorRows(**data)
+    return TensorRows(data)
 
 
 @pytest.fixture(scope="module", autouse=True)
