@@ -74,6 +74,7 @@ def measure_load(kind: str, folder: str, repeats: int) -> dict:
 
 def speed_rows(names: list[str], repeats: int) -> list[dict]:
     from hf_epr import EPRConfig, EPRModel
+    from hf_epr.codec import file_size_report
     from hf_epr.loader import WEIGHTS_NAME
 
     rows = []
@@ -88,9 +89,11 @@ def speed_rows(names: list[str], repeats: int) -> list[dict]:
             EPRCompressedForImageClassification.from_pretrained(epr_dir).save_pretrained(fp32_dir)
             epr, fp32 = measure_load("epr", epr_dir, repeats), measure_load("fp32", fp32_dir, repeats)
             epr_bytes = os.path.getsize(os.path.join(epr_dir, WEIGHTS_NAME))
+            report = file_size_report(os.path.join(epr_dir, WEIGHTS_NAME))
             fp32_bytes = os.path.getsize(os.path.join(fp32_dir, "model.safetensors"))
         rows.append({
             "model": name, "params_M": n_params / 1e6, "fp32_MB": fp32_bytes / 1e6, "epr_MB": epr_bytes / 1e6,
+            "epr_file_over_ideal": report["file_over_ideal"],
             "epr_load_s": epr["load_s"], "fp32_load_s": fp32["load_s"], "load_ratio": epr["load_s"] / fp32["load_s"],
             "epr_Mparams_per_s": n_params / 1e6 / epr["load_s"], "fp32_Mparams_per_s": n_params / 1e6 / fp32["load_s"],
             "constriction_Msymbols_per_s": epr["symbols"] / 1e6 / epr["entropy_decode_s"],
@@ -108,7 +111,7 @@ def ideal_rows(steps: int) -> list[dict]:
     from test_core import train_a_few_steps
 
     from hf_epr import EPRConfig, EPRModel
-    from hf_epr.codec import encode_groups, ideal_bits
+    from hf_epr.codec import encode_groups, ideal_bits, size_report
 
     rows = []
     for family in sorted(TINY_CONFIGS):
@@ -117,8 +120,10 @@ def ideal_rows(steps: int) -> list[dict]:
         c = model.to_container()
         ideal = ideal_bits(c.groups, c.precision) / 8
         words = encode_groups(c.groups, c.precision)[0].nbytes
+        report = size_report(c)
         rows.append({"model": family, "groups": len(c.groups), "ideal_bytes": round(ideal, 1), "coded_bytes": words,
-                     "coded_over_ideal": words / ideal, "file_bytes": len(c.to_bytes())})
+                     "coded_over_ideal": words / ideal, "file_bytes": report["total_bytes"],
+                     "file_over_ideal_with_raw": report["file_over_ideal"]})
     return rows
 
 

@@ -29,8 +29,8 @@ from transformers import AutoModelForImageClassification, ResNetConfig, Trainer,
 
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import load_mnist, mnist_pixel_values
-from hf_epr.codec import container_from_file, ideal_bits
-from hf_epr.loader import WEIGHTS_NAME, read_container
+from hf_epr.codec import file_size_report
+from hf_epr.loader import WEIGHTS_NAME
 from hf_epr.metrics import label_agreement
 from hf_epr.models import LeNetConfig, LeNetForImageClassification
 
@@ -84,15 +84,8 @@ def epr_run(name, reference, data, lam, lp, steps, tmp):
                                                    **common_args(tmp, steps)))
     trainer.train()
     trainer.save_model(tmp)
-    return os.path.getsize(os.path.join(tmp, WEIGHTS_NAME)), ideal_file_bytes(os.path.join(tmp, WEIGHTS_NAME)), model
-
-
-def ideal_file_bytes(path: str) -> float:
-    """The file's ideal size: -sum log2 p of its latents under its own stored tables, plus its raw tensors
-    (tables, description, decoder parameters and the coder's tail are the overhead above it)."""
-    meta, arrays = read_container(path)
-    c = container_from_file(meta, arrays)
-    return ideal_bits(c.groups, c.precision) / 8 + sum(v.nbytes for k, v in arrays.items() if k.startswith("raw."))
+    path = os.path.join(tmp, WEIGHTS_NAME)
+    return os.path.getsize(path), file_size_report(path)["ideal_bytes"], model
 
 
 # ---------------------------------------------------------------------------------------------- peers

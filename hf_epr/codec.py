@@ -177,11 +177,13 @@ class Container:
 
 def size_report(c: Container) -> dict[str, Any]:
     """Per tensor of a container: name, shape, kind, bits (ideal under its tables), bytes (coded bits + table +
-    decoder parameters + escapes, or raw bytes); totals from the real serialized size."""
+    decoder parameters + escapes, or raw bytes); totals from the real serialized size, and ``ideal_bytes``: the
+    latents' ideal code length under the stored tables plus the raw tensors (what the file would be with no
+    tables, description or coder overhead)."""
     import math
 
     total = len(c.to_bytes())
-    rows, accounted = [], 0.0
+    rows, accounted, ideal = [], 0.0, 0.0
     for t in c.tensors:
         numel = math.prod(t["shape"])
         if t["kind"] == "raw":
@@ -194,11 +196,19 @@ def size_report(c: Container) -> dict[str, Any]:
             n_escapes = sum(symbols_of(g)[1].size for g in groups)
             nbytes = bits / 8 + varints(np.concatenate([g.counts for g in groups])).size + 4 * (n_params + n_escapes)
         accounted += nbytes
+        ideal += bits / 8
         rows.append({"name": t["name"], "shape": t["shape"], "kind": t["kind"], "bits": bits, "bytes": nbytes,
                      "bits_per_param": bits / max(1, numel)})
     fp32 = sum(4 * math.prod(t["shape"]) for t in c.tensors)
     return {"tensors": rows, "total_bytes": total, "container_overhead_bytes": total - accounted,
-            "fp32_bytes": fp32, "ratio": fp32 / total}
+            "ideal_bytes": ideal, "file_over_ideal": total / max(ideal, 1.0), "fp32_bytes": fp32, "ratio": fp32 / total}
+
+
+def file_size_report(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`size_report` of a saved ``epr_weights.safetensors`` (decodes it)."""
+    from .loader import read_container
+
+    return size_report(container_from_file(*read_container(path)))
 
 
 def container_from_file(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Container:

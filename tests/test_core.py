@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
 from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel
-from hf_epr.codec import ideal_bits
+from hf_epr.codec import file_size_report, ideal_bits
 from hf_epr.loader import WEIGHTS_NAME
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -96,6 +96,9 @@ def test_coded_size_near_ideal_and_report_equals_file(tmp_path):
     assert {r["kind"] for r in report["tensors"]} >= {"affine", "dct", "raw"}
     assert abs(sum(r["bytes"] for r in report["tensors"]) + report["container_overhead_bytes"]
                - report["total_bytes"]) < 1e-6
+    assert report["ideal_bytes"] == pytest.approx(ideal + sum(r["bytes"] for r in report["tensors"] if r["kind"] == "raw"))
+    assert 1.0 < report["file_over_ideal"] == report["total_bytes"] / report["ideal_bytes"]
+    assert file_size_report(tmp_path / WEIGHTS_NAME) == report  # the saved file reports the same
 
 
 def test_bits_differentiable_and_rate_gradient_shrinks_latents():
