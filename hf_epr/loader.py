@@ -9,7 +9,8 @@ validates everything before allocating.
 File layout (``epr_weights.safetensors``, format version 2), all little-endian:
 
 * ``meta``    uint8: the JSON description (groups, tensors, precision, coder), zlib-compressed;
-* ``coded``   uint32 words of one range-coded stream holding every integer latent, group by group;
+* ``coded``   uint32 words of the ANS streams holding every integer latent, group by group (one stream,
+  or several listed in the description's ``streams`` as [n_words, n_groups], decodable in parallel);
 * ``tables``  uint8 LEB128 varints: the symbol counts of every group's table, concatenated (each table
   sums to ``2**precision``, all counts >= 1, the last symbol of each table is the escape symbol);
 * ``escapes`` int32 values of latents outside their table's range, in coding order (absent when none);

@@ -70,7 +70,7 @@ class DataArguments:
 
 
 DEFAULTS = dict(output_dir="outputs/compress-mnist", max_steps=1500, per_device_train_batch_size=64,
-                per_device_eval_batch_size=256, learning_rate=1e-3, lr_scheduler_type="constant", rate_lambda=0.5,
+                per_device_eval_batch_size=256, learning_rate=1e-3, lr_scheduler_type="linear", rate_lambda=0.5,
                 logging_steps=50, save_strategy="no", eval_strategy="no", report_to="none", seed=0)
 
 
