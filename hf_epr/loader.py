@@ -322,7 +322,8 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     total = int(starts[-1])
     plan = stream_plan(meta, arrays["coded"].size)
     processes = min(len(plan), decode_processes() if processes is None else processes)
-    shared = mmap.mmap(-1, max(4 * total, 1)) if processes > 1 else None  # anonymous, shared with children
+    # with several processes: an anonymous shared mapping (freed with the last array that views it)
+    shared = mmap.mmap(-1, max(4 * total, 1)) if processes > 1 else None
     symbols = np.frombuffer(shared, np.int32, total) if shared is not None else np.empty(total, np.int32)
 
     def run(jobs: list[tuple[int, int, int, int]]) -> None:
@@ -350,9 +351,6 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
         failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
     if failed:
         raise EPRFormatError("the coded stream is corrupt: a decoding process failed")
-    symbols = symbols.copy() if shared is not None else symbols
-    if shared is not None:
-        shared.close()
 
     escapes, used, out = arrays["escapes"], 0, []
     for (lo, n_sym, _, count), start in zip(groups, starts):
