@@ -133,14 +133,19 @@ def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tenso
     origin = (lo - step).to(u.dtype) - 1  # below every noisy value
     grid = origin.unsqueeze(1) + torch.arange(points, dtype=u.dtype, device=u.device).unsqueeze(0) * h.unsqueeze(1)
     f = _bin_bits(density, grid, torch.ones_like(step)).reshape(-1)  # bits of an integer-wide cell at t
-    y = u + torch.empty_like(u).uniform_(-0.5, 0.5)
-    pos = ((y - origin[channel]) / h[channel]).clamp(0, points - 1.001)
-    k = pos.detach().floor().long()
-    w = pos - k
-    base = channel * points + k
-    # sum_i f[base_i] (1 - w_i) + f[base_i + 1] w_i, written with bincount so the gradient to f is
-    # deterministic (indexing's backward accumulates in a thread-dependent order on CPU)
-    wd = w.detach().double()
-    weight = torch.bincount(base, 1 - wd, minlength=f.numel()) + torch.bincount(base + 1, wd, minlength=f.numel())
-    slope = (f[base + 1] - f[base]).detach()
-    return (f * weight.to(f.dtype)).sum() + ((w - wd.to(w.dtype)) * slope).sum()
+    # position of each noisy value on its channel's grid: t = k + w, k integer, 0 <= w < 1
+    inv_h = 1 / h
+    y = u.detach() + torch.empty_like(u).uniform_(-0.5, 0.5)
+    pos = torch.addcmul(-(origin * inv_h)[channel], y, inv_h[channel]).clamp_(0, points - 1.001)
+    k = pos.floor()
+    w = pos.sub_(k)
+    base = k.long().add_(channel * points)
+    # value: sum_i f[base_i] (1 - w_i) + f[base_i + 1] w_i, with the weight of every grid point gathered by
+    # bincount (deterministic, unlike indexing's backward on CPU): counts - s + s shifted by one point
+    s = torch.bincount(base, w, minlength=f.numel())
+    weight = torch.bincount(base, minlength=f.numel()).to(s.dtype) - s
+    weight[1:] += s[:-1]
+    # gradient to u: the slope of the interpolation (per grid unit, times grid points per latent unit)
+    df = (f[1:] - f[:-1]).detach()
+    grad_u = df[base].mul_(inv_h[channel])
+    return (f * weight.to(f.dtype)).sum() + ((u - u.detach()) * grad_u).sum()

@@ -104,12 +104,11 @@ class EPRModel(PreTrainedModel):
         flat, lows, highs = [], [], []
         for e in self.entries:
             u = e.decoder.relaxed(e.latent)
-            r = torch.round(u.detach())
+            r = u.detach()  # min/max before rounding: rounding is monotonic, so round(min) = min(round)
             if e.decoder.kind == "affine":
-                lo, hi = r.aminmax()
-                lo, hi = lo.reshape(1), hi.reshape(1)
+                lo, hi = (v.round().reshape(1) for v in r.aminmax())
             else:  # per DCT coefficient, then per group of coefficients
-                lo, hi = r.reshape(-1, r.shape[-2] * r.shape[-1]).aminmax(dim=0)
+                lo, hi = (v.round() for v in r.reshape(-1, r.shape[-2] * r.shape[-1]).aminmax(dim=0))
                 g = e.decoder.coef_group
                 init = torch.full((2, e.decoder.num_groups), float("inf"), device=lo.device)
                 lo = init[0].scatter_reduce(0, g, lo, "amin")
