@@ -134,9 +134,10 @@ def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tenso
     grid = origin.unsqueeze(1) + torch.arange(points, dtype=u.dtype, device=u.device).unsqueeze(0) * h.unsqueeze(1)
     f = _bin_bits(density, grid, torch.ones_like(step)).reshape(-1)  # bits of an integer-wide cell at t
     # position of each noisy value on its channel's grid: t = k + w, k integer, 0 <= w < 1
-    inv_h = 1 / h
+    uniform = bool((step == step[0]).all())  # the usual case: every channel on the same grid spacing
+    inv_h = (1 / h[0]) if uniform else (1 / h)[channel]
     y = u.detach() + torch.empty_like(u).uniform_(-0.5, 0.5)
-    pos = torch.addcmul(-(origin * inv_h)[channel], y, inv_h[channel]).clamp_(0, points - 1.001)
+    pos = (y - origin[channel]).mul_(inv_h).clamp_(0, points - 1.001)
     k = pos.floor()
     w = pos.sub_(k)
     base = k.long().add_(channel * points)
@@ -147,5 +148,23 @@ def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tenso
     weight[1:] += s[:-1]
     # gradient to u: the slope of the interpolation (per grid unit, times grid points per latent unit)
     df = (f[1:] - f[:-1]).detach()
-    grad_u = df[base].mul_(inv_h[channel])
-    return (f * weight.to(f.dtype)).sum() + ((u - u.detach()) * grad_u).sum()
+    return (f * weight.to(f.dtype)).sum() + _with_gradient(u, df[base].mul_(inv_h))
+
+
+class _WithGradient(torch.autograd.Function):
+    """Zero in value; d/du = ``grad`` (a precomputed, detached per-element gradient)."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return u.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None
+
+
+def _with_gradient(u: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A 0-dim zero whose gradient to ``u`` is ``grad`` (instead of sum((u - u.detach()) * grad))."""
+    return _WithGradient.apply(u, grad)
