@@ -61,7 +61,11 @@ class FactorizedDensity(nn.Module):
                          channel: torch.Tensor | None = None) -> torch.Tensor:
         """log P(lower < x < upper) per element: shapes (channels, M), or (K, M) with ``channel`` per row."""
         c = self.cdf_logits(torch.cat([lower, upper], dim=-1), channel)
-        lo_logit, up_logit = c.chunk(2, dim=-1)
+        return self.log_prob_from_logits(*c.chunk(2, dim=-1))
+
+    @staticmethod
+    def log_prob_from_logits(lo_logit: torch.Tensor, up_logit: torch.Tensor) -> torch.Tensor:
+        """log(sigmoid(up_logit) - sigmoid(lo_logit)), stable in both tails."""
         s = -torch.sign(lo_logit + up_logit).detach()  # work in the tail where sigmoid is small
         s = torch.where(s == 0, torch.ones_like(s), s)
         a, b = F.logsigmoid(s * lo_logit), F.logsigmoid(s * up_logit)
@@ -131,10 +135,16 @@ def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tenso
     h = step.to(u.dtype) / resolution  # grid spacing per channel
     points = (m + 1) * resolution
     origin = (lo - step).to(u.dtype) - 1  # below every noisy value
-    grid = origin.unsqueeze(1) + torch.arange(points, dtype=u.dtype, device=u.device).unsqueeze(0) * h.unsqueeze(1)
-    f = _bin_bits(density, grid, torch.ones_like(step)).reshape(-1)  # bits of an integer-wide cell at t
-    # position of each noisy value on its channel's grid: t = k + w, k integer, 0 <= w < 1
     uniform = bool((step == step[0]).all())  # the usual case: every channel on the same grid spacing
+    if uniform and int(step[0]) == 1:  # cells [t - 1/2, t + 1/2] share edges: one CDF evaluation per edge
+        edges = (origin - 0.5).unsqueeze(1) + torch.arange(points + resolution, dtype=u.dtype,
+                                                            device=u.device).unsqueeze(0) / resolution
+        c = density.cdf_logits(edges)
+        f = -density.log_prob_from_logits(c[:, :points], c[:, resolution:]).reshape(-1) / LN2
+    else:  # bits of an integer-wide cell at each grid point t
+        grid = origin.unsqueeze(1) + torch.arange(points, dtype=u.dtype, device=u.device).unsqueeze(0) * h.unsqueeze(1)
+        f = _bin_bits(density, grid, torch.ones_like(step)).reshape(-1)
+    # position of each noisy value on its channel's grid: t = k + w, k integer, 0 <= w < 1
     inv_h = (1 / h[0]) if uniform else (1 / h)[channel]
     y = u.detach() + torch.empty_like(u).uniform_(-0.5, 0.5)
     pos = (y - origin[channel]).mul_(inv_h).clamp_(0, points - 1.001)
