@@ -96,7 +96,7 @@ def speed_rows(names: list[str], repeats: int) -> list[dict]:
             "epr_file_over_ideal": report["file_over_ideal"],
             "epr_load_s": epr["load_s"], "fp32_load_s": fp32["load_s"], "load_ratio": epr["load_s"] / fp32["load_s"],
             "epr_Mparams_per_s": n_params / 1e6 / epr["load_s"], "fp32_Mparams_per_s": n_params / 1e6 / fp32["load_s"],
-            "constriction_Msymbols_per_s": epr["symbols"] / 1e6 / epr["entropy_decode_s"],
+            "entropy_decode_Msymbols_per_s": epr["symbols"] / 1e6 / epr["entropy_decode_s"],
             "epr_peak_rss_MB": epr["peak_rss_mb"], "fp32_peak_rss_MB": fp32["peak_rss_mb"],
             "epr_rss_over_imports_MB": epr["rss_over_imports_mb"], "fp32_rss_over_imports_MB": fp32["rss_over_imports_mb"],
         })
