@@ -504,10 +504,16 @@ def load_decoded(model: PreTrainedModel, meta: dict[str, Any], arrays: dict[str,
     for name, shape in stored.items():
         if tuple(own[name].shape) != tuple(shape):
             raise EPRFormatError(f"{name}: file shape {tuple(shape)} != model shape {tuple(own[name].shape)}")
+    # the decoded tensors become the model's storage (no copy into the uninitialized tensors it was built with)
+    targets = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
     with torch.no_grad():
         for names, value in iter_decoded(meta, arrays):
             for name in names:
-                own[name].copy_(value.to(own[name].dtype))
+                if name in targets:
+                    targets[name].data = value.to(targets[name].dtype)
+                else:  # a state entry that is not a plain parameter or buffer (rare): copy in place
+                    own[name].copy_(value.to(own[name].dtype))
     return model
 
 
