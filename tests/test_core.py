@@ -185,3 +185,55 @@ def test_noise_relaxation_tracks_exact_bits():
     noisy.backward()
     assert 0.8 < float(noisy) / exact < 1.3
     assert all(p.grad is not None for p in model.parameter_groups()["latents"])
+
+
+@pytest.mark.parametrize("scale,min_corr", [(3.0, 0.99), (900.0, 0.85)])  # unit bins (shared edges); wide bins
+def test_noise_bits_interpolates_the_exact_noisy_bits(scale, min_corr):
+    """The tabulated, interpolated rate equals -log2 P(cell) at the noisy values, and its gradient is the slope."""
+    from hf_epr.entropy import FactorizedDensity, noise_bits
+
+    torch.manual_seed(0)
+    density = FactorizedDensity(1, init_scales=torch.tensor([scale]))
+    u = (torch.randn(4000) * scale / 3).requires_grad_()
+    channel = torch.zeros(4000, dtype=torch.long)
+    torch.manual_seed(1)
+    fast = noise_bits(density, u, channel)
+    fast.backward()
+    torch.manual_seed(1)
+    v = u.detach().clone().requires_grad_()
+    y = v + torch.empty_like(v).uniform_(-0.5, 0.5)  # the same noise draw as inside noise_bits
+    exact = density.neg_log2_pmf(y.view(1, -1)).sum()
+    exact.backward()
+    assert float(fast.detach()) == pytest.approx(float(exact.detach()), rel=2e-3)
+    assert torch.corrcoef(torch.stack([u.grad, v.grad]))[0, 1] > min_corr  # piecewise-linear vs exact slope
+
+
+def test_fused_affine_decoder_matches_autograd_of_the_formula():
+    from hf_epr.loader import affine_decode
+    from hf_epr.reparam import AffineDecoder, ste_round
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 200) * 0.05 + 0.01
+    decoder = AffineDecoder(w, 1 / 64)
+    grads = []
+    for fused in (True, False):
+        z = w.clone().requires_grad_()
+        decoder.zero_grad()
+        out = decoder(z) if fused else affine_decode(ste_round(decoder.relaxed(z)), decoder.log_step, decoder.shift)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads.append((out.detach(), z.grad, decoder.log_step.grad.clone(), decoder.shift.grad.clone()))
+    (a, gz_a, gs_a, gh_a), (b, gz_b, gs_b, gh_b) = grads
+    assert torch.equal(a, b)  # the same weights
+    assert torch.allclose(gz_a, gz_b) and torch.allclose(gs_a, gs_b, rtol=1e-2, atol=1e-6)
+    assert float(gh_a) == 0.0 and abs(float(gh_b)) < 1e-2  # zero in closed form; float noise through autograd
+
+
+def test_dct_decode_is_the_two_sided_transform():
+    from hf_epr.loader import dct_decode, dct_matrix
+
+    q = torch.randint(-9, 10, (8, 4, 5, 5)).float()
+    log_steps = torch.tensor([-3.0, -2.0, -1.5])
+    groups = torch.tensor([0] * 5 + [1] * 10 + [2] * 10)
+    steps = torch.exp(log_steps)[groups].view(5, 5)
+    reference = dct_matrix(5).t() @ (steps * q) @ dct_matrix(5)
+    assert torch.allclose(dct_decode(q, log_steps, groups), reference, atol=1e-5)
