@@ -16,16 +16,15 @@ import argparse
 import copy
 import json
 import statistics
+import time
 from pathlib import Path
 
-import time
-
 import torch
-from transformers import AutoModelForImageClassification, ResNetConfig, Trainer, TrainingArguments
+from paper_mnist import build  # the same LeNets and small ResNet as the paper benchmark (this folder)
+from transformers import Trainer, TrainingArguments
 
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import TensorRows, load_mnist, mnist_pixel_values
-from hf_epr.models import LeNetConfig, LeNetForImageClassification
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,14 +42,6 @@ def seconds_per_step(kind: str, base, data, steps: int, out: str) -> float:
         trainer = EPRTrainer(model=epr, reference_model=base if lp != "off" else None, train_dataset=data,
                              args=EPRTrainingArguments(label_preservation=lp, **common))
     return trainer.train().metrics["train_runtime"] / steps
-
-
-def build(name: str):
-    if name == "resnet":  # the small ResNet of paper_mnist.py (conv-heavy: more compute per parameter)
-        return AutoModelForImageClassification.from_config(ResNetConfig(
-            num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
-            num_labels=10))
-    return LeNetForImageClassification(LeNetConfig(variant=name))
 
 
 def rate_term_seconds(base, calls: int) -> float:

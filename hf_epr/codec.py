@@ -102,16 +102,17 @@ def encode_groups(groups: list[CodedGroup], precision: int,
     import constriction
 
     streams = [len(groups)] if streams is None else streams
-    words, escapes, table, first = [], [], [], 0
+    coded = [symbols_of(g) for g in groups]  # (table indices, escaped values) per group
+    words, table, first = [], [], 0
     for n in streams:
         encoder = constriction.stream.stack.AnsCoder()
-        for g in reversed(groups[first: first + n]):
+        for g, (sym, _) in zip(reversed(groups[first: first + n]), reversed(coded[first: first + n])):
             if g.values.size:
-                encoder.encode_reverse(symbols_of(g)[0], categorical(g.counts, precision))
+                encoder.encode_reverse(sym, categorical(g.counts, precision))
         words.append(np.asarray(encoder.get_compressed(), dtype=np.uint32))
         table.append([int(words[-1].size), n])
         first += n
-    escapes = [symbols_of(g)[1] for g in groups]
+    escapes = [esc for _, esc in coded]
     return (np.concatenate(words) if words else np.zeros(0, np.uint32),
             (np.concatenate(escapes) if escapes else np.zeros(0, np.int32)).astype(np.int32), table)
 

@@ -114,7 +114,8 @@ def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor
     n_ch = density.channels
     lo, step, m = _channel_bins(u, channel, n_ch, max_bins, bounds)
     # bin j of channel c covers [lo + (j-1) * step, lo + j * step - 1]
-    centers = (lo - step).unsqueeze(1) + torch.arange(m, device=lo.device).unsqueeze(0) * step.unsqueeze(1) + (step.unsqueeze(1) - 1) / 2
+    bins = torch.arange(m, device=lo.device).unsqueeze(0)
+    centers = (lo - step).unsqueeze(1) + bins * step.unsqueeze(1) + (step.unsqueeze(1) - 1) / 2
     f = _bin_bits(density, centers.to(u.dtype), step)
     idx = channel * m + torch.div(r - lo[channel], step[channel], rounding_mode="floor") + 1
     counts = torch.bincount(idx, minlength=n_ch * m).view(n_ch, m).to(f.dtype)

@@ -122,9 +122,9 @@ def _description(metadata: dict[str, str], arrays: dict[str, np.ndarray]) -> Any
         if inflater.unconsumed_tail or not inflater.eof:
             raise EPRFormatError(f"the metadata is truncated or larger than {MAX_META_BYTES} bytes")
         return json.loads(text)
+    except EPRFormatError:
+        raise
     except (ValueError, KeyError, TypeError, zlib.error) as err:
-        if isinstance(err, EPRFormatError):
-            raise
         raise EPRFormatError(f"the file's description is missing or corrupt ({err!r}); "
                              "was it written by hf_epr?") from None
 

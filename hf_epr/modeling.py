@@ -110,9 +110,8 @@ class EPRModel(PreTrainedModel):
             else:  # per DCT coefficient, then per group of coefficients
                 lo, hi = (v.round() for v in r.reshape(-1, r.shape[-2] * r.shape[-1]).aminmax(dim=0))
                 g = e.decoder.coef_group
-                init = torch.full((2, e.decoder.num_groups), float("inf"), device=lo.device)
-                lo = init[0].scatter_reduce(0, g, lo, "amin")
-                hi = (-init[1]).scatter_reduce(0, g, hi, "amax")
+                lo = lo.new_full((e.decoder.num_groups,), float("inf")).scatter_reduce(0, g, lo, "amin")
+                hi = hi.new_full((e.decoder.num_groups,), float("-inf")).scatter_reduce(0, g, hi, "amax")
             flat.append(u.reshape(-1))
             lows.append(lo)
             highs.append(hi)

@@ -15,9 +15,19 @@ from .loader import affine_decode, dct_decode, dct_matrix
 MAX_LATENT = float(1 << 30)
 
 
+def round_latent(u: torch.Tensor) -> torch.Tensor:
+    """round(u), clamped to +-2**30 so it fits int32 (no gradient)."""
+    return torch.round(u).clamp(-MAX_LATENT, MAX_LATENT)
+
+
 def ste_round(u: torch.Tensor) -> torch.Tensor:
     """round(u) exactly in value (clamped to +-2**30 so it fits int32), identity in gradient."""
-    return torch.round(u).clamp(-MAX_LATENT, MAX_LATENT) + (u - u.detach())
+    return round_latent(u) + (u - u.detach())
+
+
+def affine_units(z: torch.Tensor, log_step: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Affine latents in integer units, before rounding: (z - shift) / step."""
+    return (z - shift) / torch.exp(log_step)
 
 
 def init_log_step(w: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -44,7 +54,7 @@ class AffineDecoder(nn.Module):
 
     def relaxed(self, z: torch.Tensor) -> torch.Tensor:
         """Latents in integer units, before rounding."""
-        return (z - self.shift) / torch.exp(self.log_step)
+        return affine_units(z, self.log_step, self.shift)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return _AffineSTE.apply(z, self.log_step, self.shift)
@@ -76,8 +86,7 @@ class _AffineSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, log_step: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        q = torch.round((z - shift) / torch.exp(log_step)).clamp_(-MAX_LATENT, MAX_LATENT)
-        w = affine_decode(q, log_step, shift)
+        w = affine_decode(round_latent(affine_units(z, log_step, shift)), log_step, shift)
         ctx.save_for_backward(w - z)
         return w
 
