@@ -18,13 +18,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageClassification, ResNetConfig
 
-RESULTS = Path(__file__).parent / "results"
+from hf_epr.results import markdown_table
+
+from common import save_results
+
 SIZES = {  # name -> ResNetConfig kwargs
     "resnet-1M": dict(layer_type="basic", embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1]),
     "resnet-5M": dict(layer_type="basic", embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1]),
@@ -38,14 +39,14 @@ from transformers import AutoModelForImageClassification
 kind, folder = sys.argv[1], sys.argv[2]
 from transformers import ResNetForImageClassification  # warm the lazy imports both paths need
 ResNetForImageClassification.__init__
-import hf_epr.loader  # noqa: F401  (imported by both, so both pay the same start-up)
+import hf_epr.format  # noqa: F401  (imported by both, so both pay the same start-up)
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key))
 base_rss = status("VmRSS:")
 if kind == "epr":
     from hf_epr import EPRCompressedForImageClassification as cls
-    from hf_epr.loader import WEIGHTS_NAME, decode_latents, read_container
+    from hf_epr.format import WEIGHTS_NAME, decode_latents, read_container
     t = time.perf_counter()
     meta, arrays = read_container(f"{folder}/{WEIGHTS_NAME}")
     t_read = time.perf_counter() - t
@@ -74,8 +75,7 @@ def measure_load(kind: str, folder: str, repeats: int) -> dict:
 
 def speed_rows(names: list[str], repeats: int) -> list[dict]:
     from hf_epr import EPRConfig, EPRModel
-    from hf_epr.codec import file_size_report
-    from hf_epr.loader import WEIGHTS_NAME
+    from hf_epr.format import WEIGHTS_NAME, file_size_report
 
     rows = []
     for name in names:
@@ -106,33 +106,22 @@ def speed_rows(names: list[str], repeats: int) -> list[dict]:
 
 def ideal_rows(steps: int) -> list[dict]:
     """Coded words vs -sum log2 p under the stored tables, and whole file vs that ideal, per family."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
-    from test_core import train_a_few_steps
-
     from hf_epr import EPRConfig, EPRModel
-    from hf_epr.codec import encode_groups, ideal_bits, size_report
+    from hf_epr.format.container import encode_groups
+    from hf_epr.testing import TINY_CONFIGS, tiny_inputs, tiny_model, train_a_few_steps
 
     rows = []
     for family in sorted(TINY_CONFIGS):
         model = EPRModel.from_base(tiny_model(family), EPRConfig(rate_lambda=0.5, init_step_ratio=0.05))
         train_a_few_steps(model, tiny_inputs(family), steps=steps, lam=0.5)
         c = model.to_container()
-        ideal = ideal_bits(c.groups, c.precision) / 8
+        ideal = sum(g.ideal_bits(c.precision) for g in c.groups) / 8
         words = encode_groups(c.groups, c.precision)[0].nbytes
-        report = size_report(c)
+        report = c.size_report()
         rows.append({"model": family, "groups": len(c.groups), "ideal_bytes": round(ideal, 1), "coded_bytes": words,
                      "coded_over_ideal": words / ideal, "file_bytes": report["total_bytes"],
                      "file_over_ideal_with_raw": report["file_over_ideal"]})
     return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -143,13 +132,9 @@ def main() -> None:
     print("decode speed (fresh process per load, best of runs):", flush=True)
     speed = speed_rows(names, repeats=1 if args.quick else 3)
     ideal = ideal_rows(steps=2 if args.quick else 10)
-    text = ("## from_pretrained: compressed vs fp32 safetensors\n\n" + markdown(speed)
-            + "\n\n## coded size vs ideal under the stored tables\n\n" + markdown(ideal) + "\n")
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (RESULTS / f"core_codec{suffix}.md").write_text(text)
-    (RESULTS / f"core_codec{suffix}.json").write_text(json.dumps({"speed": speed, "rows": ideal}, indent=1))
+    text = ("## from_pretrained: compressed vs fp32 safetensors\n\n" + markdown_table(speed)
+            + "\n\n## coded size vs ideal under the stored tables\n\n" + markdown_table(ideal) + "\n")
+    save_results("core_codec", text, {"speed": speed, "rows": ideal}, quick=args.quick)
 
 
 if __name__ == "__main__":

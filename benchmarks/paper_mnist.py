@@ -26,32 +26,23 @@ import numpy as np
 import torch
 from datasets import Dataset
 from safetensors.torch import save as save_tensors
-from transformers import AutoModelForImageClassification, ResNetConfig, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import load_mnist, mnist_pixel_values
-from hf_epr.codec import file_size_report
-from hf_epr.loader import WEIGHTS_NAME
+from hf_epr.format import file_size_report
+from hf_epr.format import WEIGHTS_NAME
 from hf_epr.metrics import label_agreement
-from hf_epr.models import LeNetConfig, LeNetForImageClassification
+from hf_epr.results import markdown_table
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, build_mnist_model, save_results
 LAMBDAS = [0.05, 0.2, 0.5, 1.5, 4.0]
 LP_LAMBDA = 0.5  # label preservation off / fixed / auto compared at this lambda (LeNet5)
 PAPER = {"lenet300-100": (8.56 * 1000, 124, 0.019, 0.016), "lenet5": (2.84 * 1000, 606, 0.010, 0.007)}
 
 
-def build(name: str):
-    if name == "resnet":
-        return AutoModelForImageClassification.from_config(ResNetConfig(
-            num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
-            num_labels=10))
-    return LeNetForImageClassification(LeNetConfig(variant=name))
-
-
 def common_args(out: str, steps: int) -> dict:
-    """Adam at 1e-3 decayed linearly to 0 (measured on LeNet5, lambda 0.5, 2,000 steps: 6,649 B at 3.29% error
-    vs 6,760 B at 3.38% with a constant rate)."""
+    """Adam at 1e-3 decayed linearly to 0."""
     return dict(output_dir=out, max_steps=steps, per_device_train_batch_size=64, learning_rate=1e-3,
                 lr_scheduler_type="linear", report_to="none", save_strategy="no", logging_steps=100,
                 disable_tqdm=True, use_cpu=True, seed=0)
@@ -72,7 +63,7 @@ def row(model: str, method: str, setting: str, nbytes: int, fp32: int, preds, la
 
 def train_reference(name: str, data, epochs: float):
     torch.manual_seed(0)
-    model = build(name)
+    model = build_mnist_model(name)
     args = TrainingArguments(**{**common_args(f"/tmp/hf_epr_paper/{name}-ref", -1), "num_train_epochs": epochs,
                                 "learning_rate": 2e-3, "lr_scheduler_type": "linear"})
     Trainer(model=model, args=args, train_dataset=data).train()
@@ -183,16 +174,6 @@ def peer_rows(name, reference, x, y, ref_preds, fp32, quick):
 
 
 # ---------------------------------------------------------------------------------------------- report
-def fmt_rows(rows, keys):
-    def f(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    return "\n".join(lines + ["| " + " | ".join(f(r.get(k)) for k in keys) + " |" for r in rows])
-
-
 def matched(rows, model, tolerance: float = 0.001):
     """For each peer row: the smallest EPR file with test error <= the peer's, and ratio peer bytes / EPR bytes;
     also the same with ``tolerance`` (0.1 point = 10 test images) added to the peer's error."""
@@ -309,21 +290,17 @@ def report(rows: list[dict], models: list[str], suffix: str, wall: float) -> Non
     match = [m for name in models for m in matched(rows, name)]
     floor_rows = floors(rows, match, models)
     text = ("## EPR on MNIST (ours: 5,000 training images; the paper: 60,000) and peers on the same reference\n\n"
-            + fmt_rows(rows + paper, keys)
+            + markdown_table(rows + paper, keys)
             + "\n\n## Label preservation (LeNet5, same lambda and steps)\n\n"
-            + fmt_rows(lp_rows, ["setting", "label_preservation", "bytes", "test_error", "mismatches",
+            + markdown_table(lp_rows, ["setting", "label_preservation", "bytes", "test_error", "mismatches",
                                  "mismatches_ref_correct", "mismatch_reduction", "ref_correct_reduction"])
             + "\n\n## Size ratio peer / EPR at matched (<=) test error\n\n"
-            + fmt_rows(match, ["model", "peer", "peer_bytes", "peer_error", "epr_bytes", "epr_error", "peer_over_epr",
+            + markdown_table(match, ["model", "peer", "peer_bytes", "peer_error", "epr_bytes", "epr_error", "peer_over_epr",
                                "peer_over_epr_within_0.1pt"])
-            + "\n\n## Floors (issue 6)\n\n" + fmt_rows(floor_rows, ["floor", "measured", "met"])
+            + "\n\n## Floors (issue 6)\n\n" + markdown_table(floor_rows, ["floor", "measured", "met"])
             + f"\n\nWall time of the runs {wall:.0f} s on {os.cpu_count()} cores.\n")
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"paper_mnist{suffix}.md").write_text(text)
-    (RESULTS / f"paper_mnist{suffix}.json").write_text(json.dumps(
-        {"rows": rows, "paper": paper, "matched": match, "floors": floor_rows, "wall_s": wall}, indent=1,
-        default=float))
+    save_results("paper_mnist", text, {"rows": rows, "paper": paper, "matched": match, "floors": floor_rows,
+                                       "wall_s": wall}, quick=bool(suffix))
     plot(rows, RESULTS / f"paper_mnist{suffix}.png")
 
 

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from paper_mnist import build  # the same LeNets and small ResNet as the paper benchmark (this folder)
 from transformers import Trainer, TrainingArguments
 
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import TensorRows, load_mnist, mnist_pixel_values
+from hf_epr.results import markdown_table
 
-RESULTS = Path(__file__).parent / "results"
+from common import MNIST_MODELS, build_mnist_model, save_results
+
 
 
 def seconds_per_step(kind: str, base, data, steps: int, out: str) -> float:
@@ -64,9 +63,9 @@ def main() -> None:
     data = TensorRows({"pixel_values": mnist_pixel_values(x), "labels": torch.from_numpy(y)})
     kinds = ["plain", "epr (label preservation off)", "epr (label preservation auto)"]
     rows, parts = [], []
-    for variant in ("lenet300-100", "lenet5", "resnet"):
+    for variant in MNIST_MODELS:
         torch.manual_seed(0)
-        base = build(variant).eval()
+        base = build_mnist_model(variant).eval()
         times = {k: [] for k in kinds}
         for _ in range(repeats):
             for k in kinds:
@@ -80,18 +79,13 @@ def main() -> None:
         parts.append({"model": variant, "parameters": sum(p.numel() for p in base.parameters()),
                       "plain_ms": round(1000 * plain, 2), "rate_term_ms": round(1000 * rate, 2),
                       "rate_over_plain": round(rate / plain, 2)})
-    lines = ["| model | trainer | ms / step | ratio vs plain Trainer |", "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['method']} | {r['ms_per_step']} | {r['ratio_vs_plain']} |" for r in rows]
-    lines += ["", "| model | parameters | plain step ms | rate term ms (bits() fwd+bwd) | rate / plain step |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {p['model']} | {p['parameters']} | {p['plain_ms']} | {p['rate_term_ms']} | {p['rate_over_plain']} |"
-              for p in parts]
-    text = f"Batch 64, {steps} steps, median of {repeats}; torch threads: {torch.get_num_threads()}\n\n" + "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (RESULTS / f"step_time{suffix}.md").write_text(text + "\n")
-    (RESULTS / f"step_time{suffix}.json").write_text(json.dumps({"rows": rows, "rate_term": parts}, indent=1))
+    text = (f"Batch 64, {steps} steps, median of {repeats}; torch threads: {torch.get_num_threads()}\n\n"
+            + markdown_table(rows, {"model": "model", "trainer": "method", "ms / step": "ms_per_step",
+                                    "ratio vs plain Trainer": "ratio_vs_plain"}) + "\n\n"
+            + markdown_table(parts, {"model": "model", "parameters": "parameters", "plain step ms": "plain_ms",
+                                     "rate term ms (bits() fwd+bwd)": "rate_term_ms",
+                                     "rate / plain step": "rate_over_plain"}))
+    save_results("step_time", text, {"rows": rows, "rate_term": parts}, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from . import models  # registers hf_epr's own architectures (LeNet) with transformers' Auto classes
 from .config import EPRConfig, EPRConfigError
-from .loader import EPRCompressedConfig, EPRCompressedForImageClassification, EPRError, EPRFormatError
+from .format import EPRCompressedConfig, EPRCompressedForImageClassification, EPRError, EPRFormatError
 from .hub import register_auto_classes
 from .modeling import EPRModel
 from .trainer import EPRTrainer, EPRTrainingArguments, EPRTrainingError

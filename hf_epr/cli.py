@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
-from .codec import container_from_file, size_report
-from .loader import WEIGHTS_NAME, EPRCompressedForImageClassification, EPRError, read_container
+from .format.container import WEIGHTS_NAME, file_size_report
+from .format.errors import EPRError
+from .format.configuration_epr import EPRCompressedConfig
+from .format.modeling_epr import LOADERS, EPRCompressedForImageClassification
+from .remote_code import write_base_code
 
 
 def inspect(folder: str) -> dict:
@@ -16,7 +21,7 @@ def inspect(folder: str) -> dict:
     path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise EPRError(f"{folder} has no {WEIGHTS_NAME}: it is not an hf_epr compressed repo")
-    report = size_report(container_from_file(*read_container(path)))
+    report = file_size_report(path)
     width = max([len(r["name"]) for r in report["tensors"]] + [6])
     print(f"{'tensor':<{width}}  {'decoder':<7} {'shape':<18} {'bits/param':>10} {'bytes':>10}")
     for r in report["tensors"]:
@@ -34,8 +39,14 @@ def inspect(folder: str) -> dict:
 
 def decode(folder: str, out: str) -> None:
     """Write the decoded model as a plain transformers checkpoint (model.safetensors + config.json)."""
-    model = EPRCompressedForImageClassification.from_pretrained(folder)
+    config = EPRCompressedConfig.from_pretrained(folder)
+    main_class = (config.architectures or [""])[0]
+    loader = next((c for c in LOADERS.values() if c.__name__ == main_class), EPRCompressedForImageClassification)
+    model = loader.from_pretrained(folder, config=config)
     model.save_pretrained(out)
+    config = json.loads(Path(out, "config.json").read_text())
+    if write_base_code(out, model, config):  # an architecture outside transformers travels with its code
+        Path(out, "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor = os.path.join(folder, "preprocessor_config.json")
     if os.path.isfile(processor):
         shutil.copy(processor, os.path.join(out, "preprocessor_config.json"))

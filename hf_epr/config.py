@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .loader import EPRError
+from .format.decoders import DECODER_KINDS
+from .format.errors import EPRError
 
 
 class EPRConfigError(EPRError, ValueError):
@@ -28,13 +29,14 @@ class EPRConfig:
             (a group costs a table in the file).
         rate_relaxation: how the rate term sees the latents while training: "noise" (u + U(-1/2, 1/2), the
             uniform-noise relaxation; default) or "ste" (exact bits of round(u), straight-through gradient).
-            Measured on LeNet-300-100 / 5,000 MNIST images, lambda=1, 1,500 steps: noise 4.9 KB at 93.1%
-            test accuracy, ste 43.6 KB at 90.6%. Evaluation always uses the exact bits.
+            Evaluation always uses the exact bits.
         precision: bits of the integer coding tables (8..16).
         max_table_symbols: widest table; values outside it are escaped and stored as int32.
         density_filters: hidden widths of the monotone density network.
         density_init_steps: Adam steps that fit the density to the initial latents in ``from_base`` (0: start
             from a density scaled to each group's spread; ``from_pretrained`` always refits).
+        dense_decoder: decoder kind of dense weights and 1 x 1 kernels (a name in ``DECODER_KINDS``).
+        conv_decoder: decoder kind of k x k conv kernels, k > 1.
     """
 
     rate_lambda: float = 0.0
@@ -48,6 +50,8 @@ class EPRConfig:
     max_table_symbols: int = 4096
     density_filters: tuple[int, ...] = (3, 3, 3)
     density_init_steps: int = 0
+    dense_decoder: str = "affine"
+    conv_decoder: str = "dct"
 
     def __post_init__(self) -> None:
         self.density_filters = tuple(self.density_filters)
@@ -62,6 +66,8 @@ class EPRConfig:
             (8 <= self.precision <= 16, "precision must be in [8, 16]"),
             (2 < self.max_table_symbols <= (1 << (self.precision - 1)), "max_table_symbols must be in (2, 2**(precision-1)]"),
             (self.density_init_steps >= 0, "density_init_steps must be >= 0"),
+            (self.dense_decoder in DECODER_KINDS and self.conv_decoder in DECODER_KINDS,
+             f"dense_decoder and conv_decoder must be decoder kinds: {sorted(DECODER_KINDS)}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -8,15 +8,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoModelForImageClassification
+import transformers
 
-from .codec import container_from_file, size_report
-from .loader import (CONFIG_MODEL_TYPE, WEIGHTS_NAME, EPRCompressedConfig, EPRCompressedForImageClassification,
-                     EPRError, read_container)
+from .format.configuration_epr import CONFIG_MODEL_TYPE, EPRCompressedConfig
+from .format.container import WEIGHTS_NAME, file_size_report
+from .format.errors import EPRError
+from .format.modeling_epr import LOADERS
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
-UPLOADED = ("config.json", WEIGHTS_NAME, "epr_loader.py", "preprocessor_config.json", "README.md",
-            "rate_accuracy.png")  # everything else (fp32 weights, training state) stays home
+SHARED = ("config.json", WEIGHTS_NAME, "preprocessor_config.json", "README.md", "rate_accuracy.png")
+CODE_SUFFIX = ".py"  # the decoder modules and any base-architecture source the repo carries
 
 
 class EPRHubError(EPRError, ValueError):
@@ -24,12 +25,19 @@ class EPRHubError(EPRError, ValueError):
 
 
 def register_auto_classes() -> None:
-    """Let ``AutoConfig`` / ``AutoModelForImageClassification.from_pretrained`` read compressed repos with no
-    remote code. (Chosen over transformers' quantizer registry: an unknown ``quant_method`` is silently ignored
-    by transformers, which would return random weights where hf_epr is missing; an unknown model type with an
-    ``auto_map`` instead fails loudly, asking for ``trust_remote_code=True``.)"""
-    AutoConfig.register(CONFIG_MODEL_TYPE, EPRCompressedConfig, exist_ok=True)
-    AutoModelForImageClassification.register(EPRCompressedConfig, EPRCompressedForImageClassification, exist_ok=True)
+    """Let ``AutoConfig`` and every Auto model class read compressed repos with no remote code. (Chosen over
+    transformers' quantizer registry: an unknown ``quant_method`` is silently ignored by transformers, which would
+    return random weights where hf_epr is missing; an unknown model type with an ``auto_map`` instead fails
+    loudly, asking for ``trust_remote_code=True``.)"""
+    transformers.AutoConfig.register(CONFIG_MODEL_TYPE, EPRCompressedConfig, exist_ok=True)
+    for auto_class, loader in LOADERS.items():
+        auto = getattr(transformers, auto_class, None)
+        if auto is not None:
+            auto.register(EPRCompressedConfig, loader, exist_ok=True)
+
+
+def _is_shared(name: str) -> bool:
+    return name in SHARED or name.endswith(CODE_SUFFIX)
 
 
 def _fmt(value: Any, pct: bool = False) -> str:
@@ -50,7 +58,7 @@ def build_model_card(folder: str | os.PathLike, *, repo_id: str = "", base_model
 
     folder = Path(folder)
     config = EPRCompressedConfig.from_pretrained(folder)
-    report = size_report(container_from_file(*read_container(folder / WEIGHTS_NAME)))
+    report = file_size_report(folder)
     results = {k.removeprefix("eval_"): v for k, v in (eval_results or {}).items()}
     rate_lambda = (config.epr or {}).get("rate_lambda")
     architecture = (config.base_config.get("architectures") or ["?"])[0]
@@ -83,7 +91,7 @@ def push_to_hub(model_or_folder, repo_id: str, *, commit_message: str | None = N
                 datasets: list[str] | None = None, label_preservation: str | None = None):
     """Upload a compressed repo (an EPRModel, or a folder it was saved to) in one commit.
 
-    Only the compressed repo's files are uploaded (``UPLOADED``): never fp32 weights or training state.
+    Only the compressed repo's files are uploaded (``SHARED`` and its code): never fp32 weights or training state.
     A README model card is written unless the folder has one.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -93,9 +101,9 @@ def push_to_hub(model_or_folder, repo_id: str, *, commit_message: str | None = N
         if hasattr(model_or_folder, "save_pretrained") and hasattr(model_or_folder, "bits"):
             model_or_folder.save_pretrained(stage)
         elif os.path.isdir(model_or_folder):
-            for name in UPLOADED:
-                if (Path(model_or_folder) / name).is_file():
-                    shutil.copy(Path(model_or_folder) / name, stage / name)
+            for path in Path(model_or_folder).iterdir():
+                if path.is_file() and _is_shared(path.name):
+                    shutil.copy(path, stage / path.name)
         else:
             raise EPRHubError(f"push_to_hub needs an EPRModel or a compressed repo folder, got {model_or_folder!r}")
         if not (stage / WEIGHTS_NAME).is_file():
@@ -107,8 +115,8 @@ def push_to_hub(model_or_folder, repo_id: str, *, commit_message: str | None = N
         if not (stage / "README.md").is_file():
             build_model_card(stage, repo_id=repo_id, base_model=base_model, datasets=datasets,
                              eval_results=eval_results, label_preservation=label_preservation).save(stage / "README.md")
-        files = sorted(p.name for p in stage.iterdir() if p.name in UPLOADED)
-        report = size_report(container_from_file(*read_container(stage / WEIGHTS_NAME)))
+        files = sorted(p.name for p in stage.iterdir() if _is_shared(p.name))
+        report = file_size_report(stage)
         arch = (EPRCompressedConfig.from_pretrained(stage).base_config.get("architectures") or ["model"])[0]
         message = commit_message or (f"Upload EPR-compressed {arch} ({report['total_bytes'] / 1024:.1f} KB, "
                                      f"{report['ratio']:.1f}x smaller than fp32)")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
 from typing import Any
 
 import numpy as np
@@ -14,19 +11,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
-from . import loader
-from .codec import Container, CodedGroup, atomic_write, quantize_pmf, size_report, table_support
 from .config import EPRConfig, EPRConfigError
 from .entropy import FactorizedDensity, noise_bits, rate_bits
-from .loader import (EPRCompressedConfig, EPRFormatError, WEIGHTS_NAME, build_base_model, dct_latents,
-                     read_container, resolve_file)
-from .reparam import Entry, attach, ste_round
+from .format.coders import histogram_table
+from .format.configuration_epr import CONFIG_MODEL_TYPE, HUB_KWARGS, EPRCompressedConfig
+from .format.container import WEIGHTS_NAME, CodedGroup, Container, atomic_write, decode_latents, read_container
+from .format.decoders import decoder_for_entry, round_latent
+from .format.errors import EPRFormatError
+from .format.modeling_epr import architecture_class, decode_state_dict, resolve_file
+from .remote_code import repo_auto_map, write_remote_code
+from .reparam import CompressedTensor, attach
 
-LOADER_MODULE = "epr_loader"
-AUTO_MAP = {
-    "AutoConfig": f"{LOADER_MODULE}.EPRCompressedConfig",
-    "AutoModelForImageClassification": f"{LOADER_MODULE}.EPRCompressedForImageClassification",
-}
 REFIT_STEPS = 100  # density fit after loading (the file stores tables, not the density's parameters)
 
 
@@ -44,9 +39,10 @@ class EPRModel(PreTrainedModel):
 
     def __init__(self, config: EPRCompressedConfig, base_model: PreTrainedModel | None = None):
         super().__init__(config)
-        self.model = base_model if base_model is not None else build_base_model(config.to_base_config())
+        self.model = base_model if base_model is not None else _build(config.to_base_config())
+        self.model.config.architectures = [type(self.model).__name__]  # what loading builds again
         self.epr_config = EPRConfig.from_dict(config.epr or {})
-        self.entries: list[Entry] = attach(self.model, self.epr_config)
+        self.entries: list[CompressedTensor] = attach(self.model, self.epr_config)
         spreads = [self._spread(e) for e in self.entries]
         self.density = FactorizedDensity(sum(len(s) for s in spreads), torch.cat(spreads) if spreads else None,
                                          self.epr_config.density_filters)
@@ -67,6 +63,7 @@ class EPRModel(PreTrainedModel):
                                  "load one with AutoModelForImageClassification.from_pretrained/from_config")
         if not isinstance(config, EPRConfig):
             raise EPRConfigError(f"config must be an EPRConfig, got {type(config).__name__}")
+        base.config.architectures = [type(base).__name__]
         wrapper_config = EPRCompressedConfig(base_config=base.config.to_dict(), epr=config.to_dict())
         model = cls(wrapper_config, base_model=base)
         model.fit_density()
@@ -76,18 +73,15 @@ class EPRModel(PreTrainedModel):
         """Nothing to initialize: weights come from the base model or the compressed file."""
 
     @staticmethod
-    def _local_channels(entry: Entry) -> torch.Tensor:
-        ch = entry.decoder.channels(entry.latent)
-        if ch is None:
-            return torch.zeros(entry.latent.numel(), dtype=torch.long, device=entry.latent.device)
-        return ch
+    def _local_channels(entry: CompressedTensor) -> torch.Tensor:
+        return entry.kind.group_index(entry.latent.device)
 
-    def _spread(self, entry: Entry) -> torch.Tensor:
+    def _spread(self, entry: CompressedTensor) -> torch.Tensor:
         """Initial scale of each group's density: 3 standard deviations of its latents."""
         with torch.no_grad():
-            flat = entry.decoder.relaxed(entry.latent).reshape(-1)
+            flat = entry.decoder.units(entry.latent).reshape(-1)
             ch = self._local_channels(entry)
-            return torch.stack([3 * flat[ch == c].std() for c in range(entry.decoder.num_groups)])
+            return torch.stack([3 * flat[ch == c].std() for c in range(entry.kind.num_groups)])
 
     # ------------------------------------------------------------------ forward and rate
     def forward(self, *args: Any, return_bits: bool = False, **kwargs: Any):
@@ -103,15 +97,9 @@ class EPRModel(PreTrainedModel):
         min and max of their rounded values per channel."""
         flat, lows, highs = [], [], []
         for e in self.entries:
-            u = e.decoder.relaxed(e.latent)
+            u = e.decoder.units(e.latent)
             r = u.detach()  # min/max before rounding: rounding is monotonic, so round(min) = min(round)
-            if e.decoder.kind == "affine":
-                lo, hi = (v.round().reshape(1) for v in r.aminmax())
-            else:  # per DCT coefficient, then per group of coefficients
-                lo, hi = (v.round() for v in r.reshape(-1, r.shape[-2] * r.shape[-1]).aminmax(dim=0))
-                g = e.decoder.coef_group
-                lo = lo.new_full((e.decoder.num_groups,), float("inf")).scatter_reduce(0, g, lo, "amin")
-                hi = hi.new_full((e.decoder.num_groups,), float("-inf")).scatter_reduce(0, g, hi, "amax")
+            lo, hi = e.kind.reduce_to_groups(r, "amin").round(), e.kind.reduce_to_groups(r, "amax").round()
             flat.append(u.reshape(-1))
             lows.append(lo)
             highs.append(hi)
@@ -159,7 +147,7 @@ class EPRModel(PreTrainedModel):
         """Parameters by role: ``latents``, ``decoders``, ``density`` and ``raw`` (everything else)."""
         groups = {
             "latents": [e.latent for e in self.entries],
-            "decoders": [p for e in self.entries for p in e.decoder.parameters()],
+            "decoders": [e.decoder.params for e in self.entries],
             "density": list(self.density.parameters()),
         }
         seen = {id(p) for ps in groups.values() for p in ps}
@@ -169,7 +157,7 @@ class EPRModel(PreTrainedModel):
     def integer_latents(self) -> dict[str, torch.Tensor]:
         """The rounded latents (int64) of every compressed tensor, by parameter name."""
         with torch.no_grad():
-            return {e.name: ste_round(e.decoder.relaxed(e.latent)).long() for e in self.entries}
+            return {e.name: round_latent(e.decoder.units(e.latent)).long() for e in self.entries}
 
     # ------------------------------------------------------------------ coding
     def _raw_tensors(self) -> list[tuple[str, list[str], torch.Tensor]]:
@@ -192,14 +180,9 @@ class EPRModel(PreTrainedModel):
                     out[id(t)] = (prefix + n, [], t)
         return list(out.values())
 
-    def _coded_groups(self, entry: Entry) -> list[np.ndarray]:
-        q = ste_round(entry.decoder.relaxed(entry.latent.detach())).to(torch.int32).cpu().numpy()
-        if entry.decoder.kind == "affine":
-            return [q.reshape(-1)]
-        o, i, kh, kw = q.shape
-        cg = entry.decoder.coef_group.cpu().numpy()
-        flat = q.reshape(o * i, kh * kw)
-        return [flat[:, cg == g].reshape(-1) for g in range(entry.decoder.num_groups)]
+    def _coded_groups(self, entry: CompressedTensor) -> list[np.ndarray]:
+        q = round_latent(entry.decoder.units(entry.latent.detach())).to(torch.int32).cpu().numpy()
+        return entry.kind.split(q)
 
     def to_container(self) -> Container:
         """The coded form of the model: integer latents + tables (from the latents' histograms) + raw tensors."""
@@ -209,17 +192,13 @@ class EPRModel(PreTrainedModel):
             for entry in self.entries:
                 gids = []
                 for values in self._coded_groups(entry):
-                    lo, hi = table_support(values, cfg.max_table_symbols)
-                    hist = np.bincount(np.clip(values.astype(np.int64) - lo, 0, hi - lo + 1), minlength=hi - lo + 2)
-                    hist[-1] = int(((values < lo) | (values > hi)).sum())
+                    lo, counts = histogram_table(values, cfg.precision, cfg.max_table_symbols)
                     gids.append(len(c.groups))
-                    c.groups.append(CodedGroup(lo, quantize_pmf(hist, cfg.precision), values))
-                t = {"name": entry.name, "aliases": entry.aliases, "shape": list(entry.latent.shape),
-                     "kind": entry.decoder.kind, "groups": gids, "params": len(c.params)}
-                if entry.decoder.kind == "dct":
-                    t["coef_group"] = entry.decoder.coef_group.tolist()
-                c.params.extend(entry.decoder.params())
-                c.tensors.append(t)
+                    c.groups.append(CodedGroup(lo, counts, values))
+                c.tensors.append({"name": entry.name, "aliases": entry.aliases, "shape": list(entry.latent.shape),
+                                  "kind": entry.kind.name, "groups": gids, "params": len(c.params),
+                                  **entry.kind.layout()})
+                c.params.extend(entry.decoder.params.detach().cpu().tolist())
             for name, aliases, tensor in self._raw_tensors():
                 dtype = str(tensor.dtype).removeprefix("torch.")
                 if tensor.is_floating_point():
@@ -230,23 +209,24 @@ class EPRModel(PreTrainedModel):
         return c
 
     def size_report(self) -> dict[str, Any]:
-        """Per tensor: name, shape, kind (affine/dct/raw), bits, bytes; totals. Sizes are from real coding."""
-        return size_report(self.to_container())
+        """Per tensor: name, shape, kind, bits, bytes; totals. Sizes are from real coding."""
+        return self.to_container().size_report()
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
-        """Write a compressed repo: config.json (+ auto_map), epr_weights.safetensors and the loader module."""
+        """Write a compressed repo: config.json (+ auto_map), epr_weights.safetensors and the code that decodes
+        it (see ``hf_epr.remote_code``)."""
+        if push_to_hub:
+            raise EPRConfigError("save_pretrained(push_to_hub=True) is not supported: use EPRModel.push_to_hub")
         if os.path.isfile(save_directory):
             raise EPRFormatError(f"{save_directory} is a file; save_pretrained needs a folder")
         os.makedirs(save_directory, exist_ok=True)
         atomic_write(os.path.join(save_directory, WEIGHTS_NAME), self.to_container().to_bytes())
-        self.config.auto_map = dict(AUTO_MAP)
-        self.config.architectures = ["EPRCompressedForImageClassification"]
+        base_config = self.model.config.to_dict()
+        write_remote_code(save_directory, self.model, base_config)
+        self.config.base_config = base_config
+        self.config.auto_map, self.config.architectures = repo_auto_map(self.model)
         self.config.epr = self.epr_config.to_dict()
         atomic_write(os.path.join(save_directory, "config.json"), self.config.to_json_string().encode())
-        with open(loader.__file__, "rb") as f:
-            atomic_write(os.path.join(save_directory, f"{LOADER_MODULE}.py"), f.read())
-        if push_to_hub:
-            raise NotImplementedError("use EPRModel.push_to_hub")
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         """Upload the compressed repo in one commit (see ``hf_epr.hub.push_to_hub`` for the options)."""
@@ -258,36 +238,49 @@ class EPRModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> "EPRModel":
         """The wrapper back from a compressed repo, with exactly the stored integer latents."""
         repo = pretrained_model_name_or_path
+        hub = {k: kwargs[k] for k in (*HUB_KWARGS, "trust_remote_code") if k in kwargs}
         config = kwargs.pop("config", None)
         if not isinstance(config, EPRCompressedConfig):
-            config = EPRCompressedConfig.from_pretrained(repo, **kwargs)
-        if config.model_type != loader.CONFIG_MODEL_TYPE or not config.base_config:
+            config = EPRCompressedConfig.from_pretrained(repo, **hub)
+        if config.model_type != CONFIG_MODEL_TYPE or not config.base_config:
             raise EPRFormatError(f"{repo} is not an hf_epr compressed repo (config.json has no base_config)")
-        meta, arrays = read_container(resolve_file(repo, WEIGHTS_NAME, **kwargs))
-        model = cls(config)
+        meta, arrays = read_container(resolve_file(repo, WEIGHTS_NAME, **hub))
+        base_config = config.to_base_config(repo, **hub)
+        model = cls(config, base_model=_build(base_config, architecture_class(base_config, repo, **hub)))
         model.load_coded(meta, arrays)
         model.fit_density(REFIT_STEPS)
         return model.eval()
 
     def load_coded(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Set latents, decoder parameters and raw tensors from a read container."""
-        latents = loader.decode_latents(meta, arrays)
+        latents = decode_latents(meta, arrays)
         params = torch.from_numpy(arrays["params"].copy())
         by_name = {t["name"]: t for t in meta["tensors"]}
         with torch.no_grad():
             for entry in self.entries:
                 t = by_name.pop(entry.name, None)
-                if t is None or t["kind"] != entry.decoder.kind or list(t["shape"]) != list(entry.latent.shape):
-                    raise EPRFormatError(f"{entry.name}: the file does not hold it as a {entry.decoder.kind} "
-                                         f"tensor of shape {list(entry.latent.shape)}")
-                entry.decoder.load_params(params[t["params"]: t["params"] + len(entry.decoder.params())])
-                if t["kind"] == "affine":
-                    q = torch.from_numpy(latents[t["groups"][0]].astype(np.float32))
-                else:
-                    q = torch.from_numpy(dct_latents(t, latents))
-                entry.latent.copy_(entry.decoder.latents_from_integers(q.view(entry.latent.shape)))
-            state = loader.decode_state_dict({**meta, "tensors": list(by_name.values())}, arrays, latents)
+                if (t is None or t["kind"] != entry.kind.name or list(t["shape"]) != list(entry.latent.shape)
+                        or decoder_for_entry(t).layout() != entry.kind.layout()):
+                    raise EPRFormatError(f"{entry.name}: the file does not hold it as a {entry.kind.name} tensor of "
+                                         f"shape {list(entry.latent.shape)} with layout {entry.kind.layout()}")
+                p = params[t["params"]: t["params"] + entry.kind.num_params].to(entry.decoder.params.device)
+                entry.decoder.params.copy_(p)
+                q = torch.from_numpy(entry.kind.join([latents[g] for g in t["groups"]])).to(p.device)
+                entry.latent.copy_(entry.kind.from_integers(q, p))
+            state = decode_state_dict({**meta, "tensors": list(by_name.values())}, arrays, latents)
             for name, _, tensor in self._raw_tensors():
                 if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
                     raise EPRFormatError(f"{name}: missing from the file or stored with another shape")
                 tensor.copy_(state[name].to(tensor.dtype))
+
+
+def _build(base_config, architecture: type | None = None) -> PreTrainedModel:
+    """An instance of the base architecture with uninitialized weights (every tensor is overwritten)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5.2
+        from transformers.modeling_utils import no_init_weights
+
+    architecture = architecture or architecture_class(base_config)
+    with no_init_weights():
+        return architecture(base_config)

@@ -1,4 +1,4 @@
-"""Decoders (parametrizations) that turn latent tensors into weights, and attaching them to any model."""
+"""Attaching decoders to any model: each large parameter becomes a latent tensor behind a parametrization."""
 
 from __future__ import annotations
 
@@ -9,155 +9,28 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import EPRConfig
-from .loader import affine_decode, dct_decode, dct_matrix
+from .format.decoders import DECODER_KINDS, DecoderKind
 
 
-MAX_LATENT = float(1 << 30)
+class LatentDecoder(nn.Module):
+    """The parametrization of one compressed tensor: ``weight = kind.forward(latent, params)``, with the
+    decoder's parameters (log steps, shifts) as one flat learned vector."""
 
-
-def round_latent(u: torch.Tensor) -> torch.Tensor:
-    """round(u), clamped to +-2**30 so it fits int32 (no gradient)."""
-    return torch.round(u).clamp(-MAX_LATENT, MAX_LATENT)
-
-
-def ste_round(u: torch.Tensor) -> torch.Tensor:
-    """round(u) exactly in value (clamped to +-2**30 so it fits int32), identity in gradient."""
-    return round_latent(u) + (u - u.detach())
-
-
-def affine_units(z: torch.Tensor, log_step: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Affine latents in integer units, before rounding: (z - shift) / step."""
-    return (z - shift) / torch.exp(log_step)
-
-
-def init_log_step(w: torch.Tensor, ratio: float) -> torch.Tensor:
-    """log of ``ratio`` times the tensor's spread (its RMS around the mean; 1e-2 for a constant tensor)."""
-    spread = (w.detach().float() - w.detach().float().mean()).pow(2).mean().sqrt()
-    return torch.log(torch.where(spread > 0, spread, torch.full_like(spread, 1e-2)) * ratio)
-
-
-class AffineDecoder(nn.Module):
-    """w = step * round((z - shift) / step) + shift, with a learned step and shift per tensor."""
-
-    kind = "affine"
-
-    def __init__(self, weight: torch.Tensor, step_ratio: float):
+    def __init__(self, kind: DecoderKind, params: torch.Tensor):
         super().__init__()
-        w = weight.detach().float()
-        self.log_step = nn.Parameter(init_log_step(w, step_ratio).reshape(()))
-        self.shift = nn.Parameter(w.mean().reshape(()))
-        self.register_buffer("coef_group", torch.zeros(1, dtype=torch.long), persistent=False)
-
-    @property
-    def num_groups(self) -> int:
-        return 1
-
-    def relaxed(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents in integer units, before rounding."""
-        return affine_units(z, self.log_step, self.shift)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return _AffineSTE.apply(z, self.log_step, self.shift)
-
-    def channels(self, z: torch.Tensor) -> torch.Tensor | None:
-        """Group index of every latent (None: all in group 0)."""
-        return None
-
-    def latents_from_integers(self, q: torch.Tensor) -> torch.Tensor:
-        """The latent z whose rounding gives integers q."""
-        return affine_decode(q.float(), self.log_step.detach(), self.shift.detach())
-
-    def params(self) -> list[float]:
-        return [float(self.log_step), float(self.shift)]
-
-    def load_params(self, values: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.log_step.copy_(values[0])
-            self.shift.copy_(values[1])
-
-
-class _AffineSTE(torch.autograd.Function):
-    """w = affine_decode(round((z - shift) / step), log_step, shift) with straight-through rounding, fused.
-
-    The gradients are those of autograd through the unfused expression, in closed form: dw/dz = 1,
-    dw/dshift = 0, dw/dlog_step = step * (q - u) = w - z. One saved tensor and one reduction in backward,
-    instead of a chain of elementwise ops both ways (the decoder runs at every forward).
-    """
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, log_step: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        w = affine_decode(round_latent(affine_units(z, log_step, shift)), log_step, shift)
-        ctx.save_for_backward(w - z)
-        return w
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (diff,) = ctx.saved_tensors
-        return grad, (grad * diff).sum().reshape(()), torch.zeros((), dtype=grad.dtype, device=grad.device)
-
-
-def dct_coef_groups(kh: int, kw: int, slices: int, grouping: str, min_latents: int) -> list[int]:
-    """Group of each DCT coefficient (row-major kh x kw): bands u+v merged until each is large enough."""
-    if grouping == "frequency":
-        return list(range(kh * kw))
-    band = [u + v for u in range(kh) for v in range(kw)]
-    if grouping == "tensor":
-        return [0] * (kh * kw)
-    sizes = [band.count(b) * slices for b in range(kh + kw - 1)]
-    merged, group, filled = [], 0, 0
-    for b, size in enumerate(sizes):
-        if filled >= min_latents:
-            group, filled = group + 1, 0
-        merged.append(group)
-        filled += size
-    if filled < min_latents and group > 0:  # too small a last group joins the one before
-        merged = [min(m, group - 1) for m in merged]
-    return [merged[b] for b in band]
-
-
-class DCTDecoder(nn.Module):
-    """k x k kernels decoded from DCT coefficients with one learned step per coefficient group."""
-
-    kind = "dct"
-
-    def __init__(self, weight: torch.Tensor, step_ratio: float, grouping: str, min_latents: int):
-        super().__init__()
-        o, i, kh, kw = weight.shape
-        groups = dct_coef_groups(kh, kw, o * i, grouping, min_latents)
-        self.register_buffer("coef_group", torch.tensor(groups, dtype=torch.long), persistent=False)
-        n = max(groups) + 1
-        self.log_step = nn.Parameter(init_log_step(weight, step_ratio).expand(n).clone())
-
-    @property
-    def num_groups(self) -> int:
-        return self.log_step.numel()
+        self.kind = kind
+        self.params = nn.Parameter(params.detach().float().contiguous())
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
-        """Weights -> DCT coefficients (the latent tensor)."""
-        kh, kw = w.shape[-2:]
-        return dct_matrix(kh).to(w) @ w @ dct_matrix(kw).to(w).t()
-
-    def _steps(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.exp(self.log_step)[self.coef_group].view(z.shape[-2:])
-
-    def relaxed(self, z: torch.Tensor) -> torch.Tensor:
-        return z / self._steps(z)
+        """Weights -> latent (the value the parameter starts from)."""
+        return self.kind.inverse_transform(w)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return dct_decode(ste_round(self.relaxed(z)), self.log_step, self.coef_group)
+        return self.kind.forward(z, self.params)
 
-    def channels(self, z: torch.Tensor) -> torch.Tensor:
-        return self.coef_group.expand(z.shape[0] * z.shape[1], -1).reshape(-1)
-
-    def latents_from_integers(self, q: torch.Tensor) -> torch.Tensor:
-        return self._steps(q).detach() * q.float()
-
-    def params(self) -> list[float]:
-        return [float(v) for v in self.log_step]
-
-    def load_params(self, values: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.log_step.copy_(values)
+    def units(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents in integer units, before rounding."""
+        return self.kind.units(z, self.params)
 
 
 class SharedWeight(nn.Module):
@@ -173,35 +46,40 @@ class SharedWeight(nn.Module):
 
 
 @dataclass
-class Entry:
-    """One compressed tensor of the wrapped model."""
+class CompressedTensor:
+    """One compressed parameter of the wrapped model: where it lives, its decoder, and its tied aliases."""
 
     name: str  # parameter name in the base model
     module: nn.Module
     attr: str
-    decoder: AffineDecoder | DCTDecoder
+    decoder: LatentDecoder
     aliases: list[str]
 
     @property
     def latent(self) -> nn.Parameter:
         return getattr(self.module.parametrizations, self.attr).original
 
+    @property
+    def kind(self) -> DecoderKind:
+        return self.decoder.kind
 
-def choose_decoder(p: torch.Tensor, config: EPRConfig) -> AffineDecoder | DCTDecoder | None:
-    """Affine for dense-like tensors, DCT for k x k kernels (k > 1), None (raw) for small tensors."""
+
+def choose_decoder(p: torch.Tensor, config: EPRConfig) -> LatentDecoder | None:
+    """``config.conv_decoder`` for k x k kernels (k > 1), ``config.dense_decoder`` for other tensors, None (raw)
+    for small, integer or frozen ones."""
     if not p.is_floating_point() or not p.requires_grad or p.numel() < config.raw_threshold:
         return None
-    if p.ndim == 4 and p.shape[-1] * p.shape[-2] > 1:
-        return DCTDecoder(p, config.init_step_ratio, config.dct_grouping, config.min_group_latents)
-    return AffineDecoder(p, config.init_step_ratio)
+    name = config.conv_decoder if p.ndim == 4 and p.shape[-1] * p.shape[-2] > 1 else config.dense_decoder
+    kind = DECODER_KINDS[name].for_weight(tuple(p.shape), config.to_dict())
+    return LatentDecoder(kind, kind.initial_params(p, config.init_step_ratio).to(p.device))
 
 
-def attach(model: nn.Module, config: EPRConfig) -> list[Entry]:
-    """Reparameterize every large trainable parameter of ``model`` in place; returns the entries."""
+def attach(model: nn.Module, config: EPRConfig) -> list[CompressedTensor]:
+    """Reparameterize every large trainable parameter of ``model`` in place; returns them in order."""
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
-    entries = []
+    compressed = []
     for name, p in list(model.named_parameters()):
         decoder = choose_decoder(p, config)
         if decoder is None:
@@ -216,5 +94,5 @@ def attach(model: nn.Module, config: EPRConfig) -> list[Entry]:
             del alias_module._parameters[alias_attr]
             alias_module.register_buffer(alias_attr, torch.zeros(0), persistent=False)
             parametrize.register_parametrization(alias_module, alias_attr, SharedWeight(module, attr), unsafe=True)
-        entries.append(Entry(name, module, attr, decoder, aliases))
-    return entries
+        compressed.append(CompressedTensor(name, module, attr, decoder, aliases))
+    return compressed

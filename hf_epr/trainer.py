@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from .loader import EPRError
+from .format.container import atomic_write
+from .format.errors import EPRError
 from .metrics import label_agreement
 from .modeling import EPRModel
 
@@ -118,17 +119,6 @@ class EPRTrainer(Trainer):
     Label preservation (Joseph et al.): "off"; "fixed" (c_task = 1, c_kd = kd_weight, c_label = label_weight);
     "auto" = :class:`SoftAdapt` (loss-weighted, every ``softadapt_interval`` loss evaluations, scaled by the
     fixed values), the adaptive weighting Joseph et al. build on; it needs no per-model tuning of the coefficients.
-    Measured (LeNet-300-100 reference at 93.7%, 5,000 MNIST training images, 400 steps, eval on the 10,000 test
-    images; mismatches (where the reference was right) / real coded KB):
-
-        lambda  off               fixed (1, 1, 1)   auto (SoftAdapt)
-        2.0     725 (395) / 5.8   441 (202) / 8.5   433 (219) / 10.6
-        0.5     553 (248) / 9.6   334 (154) / 15.1  403 (194) / 13.5
-
-    Both policies cut mismatches by 27-40% against "off" at the same lambda; auto and fixed lie on the same
-    size/mismatch trade-off (neither dominates), so "auto" is the default for not needing a tuned value. Other
-    auto-vs-off points: 300 steps at lambda 2 (tests/test_label_preservation.py): 363 (181) / 13.2 vs 922 (578) /
-    13.9; LeNet5, lambda 0.5, 1,500 steps (recipes/compress.py default): 151 (87) / 19.0 vs 267 (163) / 8.9.
     Under distributed training the SoftAdapt inputs and the logged terms are means over the processes.
     """
 
@@ -302,8 +292,6 @@ class EPRTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             from safetensors.torch import save_file
-
-            from .codec import atomic_write
 
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
             epr = self.accelerator.unwrap_model(self.model)

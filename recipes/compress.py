@@ -35,8 +35,9 @@ from transformers import (AutoImageProcessor, AutoModelForImageClassification, H
 
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import TensorRows, mnist_dataset, mnist_image_processor
-from hf_epr.loader import WEIGHTS_NAME
+from hf_epr.format import WEIGHTS_NAME
 from hf_epr.models import LeNetConfig, LeNetForImageClassification
+from hf_epr.results import markdown_table
 
 logger = logging.getLogger("compress")
 
@@ -151,13 +152,13 @@ def compress(reference, train, eval_set, training_args: EPRTrainingArguments, mo
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| run | fp32 KB | compressed KB | ratio | accuracy | reference accuracy | mismatches | "
-            "mismatches (reference right) |\n|---|---|---|---|---|---|---|---|")
-    lines = [head] + [
-        f"| {r['run']} | {r['fp32_bytes'] / 1024:.1f} | {r['bytes'] / 1024:.2f} | {r['ratio']:.1f}x | "
-        f"{100 * r['accuracy']:.2f}% | {100 * r['reference_accuracy']:.2f}% | {r['mismatches']} | "
-        f"{r['mismatches_ref_correct']} |" for r in rows]
-    return "\n".join(lines)
+    """The run summary: sizes, ratio, accuracy against the reference, and label mismatches."""
+    pct = lambda key: lambda r: f"{100 * r[key]:.2f}%"  # noqa: E731
+    return markdown_table(rows, {"run": "run", "fp32 KB": lambda r: f"{r['fp32_bytes'] / 1024:.1f}",
+                                 "compressed KB": lambda r: f"{r['bytes'] / 1024:.2f}",
+                                 "ratio": lambda r: f"{r['ratio']:.1f}x", "accuracy": pct("accuracy"),
+                                 "reference accuracy": pct("reference_accuracy"), "mismatches": "mismatches",
+                                 "mismatches (reference right)": "mismatches_ref_correct"})
 
 
 def plot(runs: dict[str, tuple[list[dict], dict]], path: str) -> None:

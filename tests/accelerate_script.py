@@ -4,10 +4,8 @@ import hashlib
 import json
 import sys
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_trainer import mnist_subset, reference  # noqa: E402
-
-from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments  # noqa: E402
+from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
+from hf_epr.testing import mnist_reference as reference, mnist_subset
 
 out = sys.argv[1]
 teacher = reference(steps=30)

@@ -1,45 +1,19 @@
-"""Shared fixtures: tiny models of several architecture families, and a clean subprocess without hf_epr."""
+"""Shared fixtures: a clean subprocess in which hf_epr cannot be imported."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import torch
-from transformers import (AutoModelForImageClassification, ConvNextConfig, MobileNetV2Config, RegNetConfig,
-                          ResNetConfig, SwinConfig, ViTConfig)
+
+from hf_epr import EPRConfig, EPRModel
+from hf_epr.testing import tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-TINY_CONFIGS = {
-    "resnet": lambda: ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                   layer_type="basic", num_labels=4),
-    "convnext": lambda: ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4),
-    "vit": lambda: ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                             num_attention_heads=2, intermediate_size=32, num_labels=4),
-    "mobilenet_v2": lambda: MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.25, num_labels=4),
-    "swin": lambda: SwinConfig(image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1],
-                               num_heads=[1, 2], window_size=2, num_labels=4),
-    "regnet": lambda: RegNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                   groups_width=8, num_labels=4),
-}
-IMAGE_SIZE = {"vit": 16, "swin": 16}
-
-
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return AutoModelForImageClassification.from_config(TINY_CONFIGS[family]()).eval()
-
-
-def tiny_inputs(family: str, n: int = 8, seed: int = 1) -> torch.Tensor:
-    size = IMAGE_SIZE.get(family, 32)
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
 
 _BLOCK_HF_EPR = """
 import sys
@@ -65,3 +39,16 @@ def run_without_hf_epr(code: str, tmp_path, timeout: int = 300) -> subprocess.Co
 @pytest.fixture
 def no_hf_epr_runner(tmp_path):
     return lambda code: run_without_hf_epr(code, tmp_path)
+
+
+@pytest.fixture
+def compressed(tmp_path):
+    """(model, folder, processor): a tiny ResNet wrapped with a coarse step, saved with an image processor."""
+    from transformers import ViTImageProcessorPil
+
+    model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(init_step_ratio=0.05)).eval()
+    folder = tmp_path / "repo"
+    model.save_pretrained(folder)
+    processor = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(folder)
+    return model, folder, processor

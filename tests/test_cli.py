@@ -6,10 +6,10 @@ import sys
 import torch
 from transformers import AutoModelForImageClassification
 
-from conftest import tiny_inputs, tiny_model
 from hf_epr import EPRConfig, EPRModel
 from hf_epr.cli import main
-from hf_epr.loader import WEIGHTS_NAME
+from hf_epr.format import WEIGHTS_NAME
+from hf_epr.testing import tiny_inputs, tiny_model
 
 
 def test_inspect_totals_equal_file_sizes(tmp_path, capsys):

@@ -28,6 +28,6 @@ def test_copy_in_empty_folder_loads_its_own_data(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the suite's own data tests, run from the copy
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_data_models.py",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_data.py",
                            "-k", "split or dataset"], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -1,32 +1,23 @@
-"""Sharing: one-commit push of exactly the compressed repo, loading with and without hf_epr, model card, pipeline."""
+"""Sharing: one-commit push of exactly the compressed repo, and model cards."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
-from transformers import AutoModelForImageClassification, ViTImageProcessorPil, pipeline
 
-from conftest import tiny_inputs, tiny_model
 from hf_epr import EPRConfig, EPRModel
+from hf_epr.format import WEIGHTS_NAME
 from hf_epr.hub import build_model_card, push_to_hub
-from hf_epr.loader import WEIGHTS_NAME
+from hf_epr.remote_code import BUNDLED_FILES
+from hf_epr.testing import mnist_reference, tiny_inputs
+
 
 EVAL = {"eval_accuracy": 0.97, "eval_reference_accuracy": 0.975, "eval_mismatch_rate": 0.012, "eval_mismatches": 12}
 
-
-@pytest.fixture
-def compressed(tmp_path):
-    model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(init_step_ratio=0.05)).eval()
-    folder = tmp_path / "repo"
-    model.save_pretrained(folder)
-    processor = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor.save_pretrained(folder)
-    return model, folder, processor
 
 
 @pytest.fixture
@@ -53,7 +44,7 @@ def test_push_uploads_exactly_the_compressed_repo(compressed, hub, tmp_path, no_
     push_to_hub(folder, "me/tiny-epr", eval_results=EVAL)
     assert len(hub["calls"]) == 1 and "EPR-compressed" in hub["calls"][0][1]
     files = sorted(p.name for p in hub["dir"].iterdir())
-    assert files == sorted(["README.md", "config.json", WEIGHTS_NAME, "epr_loader.py", "preprocessor_config.json"])
+    assert files == sorted(["README.md", "config.json", WEIGHTS_NAME, "preprocessor_config.json", *BUNDLED_FILES])
     x = tiny_inputs("resnet")
     np.save(tmp_path / "x.npy", x.numpy())
     proc = no_hf_epr_runner(f"""
@@ -75,37 +66,6 @@ def test_model_push_to_hub_method(compressed, hub):
     assert (hub["dir"] / WEIGHTS_NAME).is_file() and not (hub["dir"] / "model.safetensors").exists()
 
 
-def test_loading_without_remote_code_when_hf_epr_is_installed(compressed):
-    model, folder, _ = compressed
-    plain = AutoModelForImageClassification.from_pretrained(folder)  # hf_epr registered its Auto classes
-    remote = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
-    assert type(plain).__name__ == "ResNetForImageClassification"
-    x = tiny_inputs("resnet")
-    with torch.no_grad():
-        assert torch.equal(plain(pixel_values=x).logits, remote(pixel_values=x).logits)
-
-
-def test_without_hf_epr_and_without_remote_code_fails_loudly(compressed, no_hf_epr_runner):
-    _, folder, _ = compressed
-    proc = no_hf_epr_runner(f"""
-        from transformers import AutoModelForImageClassification
-        AutoModelForImageClassification.from_pretrained({str(folder)!r})
-    """)
-    assert proc.returncode != 0 and "trust_remote_code" in proc.stderr
-
-
-def test_unknown_quant_method_is_silently_ignored_by_transformers(tmp_path):
-    """Why the repo is not a 'quantization_config' checkpoint: transformers would load random weights."""
-    model = tiny_model("resnet")
-    model.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "epr"}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)  # no error about 'epr' at all
-    assert getattr(loaded, "hf_quantizer", None) is None
-    assert type(loaded).__name__ == "ResNetForImageClassification"
-
-
 def test_model_card_roundtrip(compressed, tmp_path):
     _, folder, _ = compressed
     card = build_model_card(folder, repo_id="me/tiny-epr", base_model="microsoft/resnet-18", datasets=["mnist"],
@@ -119,25 +79,21 @@ def test_model_card_roundtrip(compressed, tmp_path):
     assert "trust_remote_code=True" in loaded.text and "| `resnet.embedder" in loaded.text
 
 
-def test_pipeline_on_a_compressed_folder(compressed):
-    model, folder, _ = compressed
-    clf = pipeline("image-classification", model=str(folder), trust_remote_code=True)
-    from PIL import Image
-
-    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
-    out = clf(image)
-    assert len(out) >= 1 and {"label", "score"} <= set(out[0])
-
-
 def test_trainer_push_to_hub(hub, tmp_path):
-    from test_trainer import make_trainer, reference
+    from hf_epr.trainer import EPRTrainer, EPRTrainingArguments
+    from hf_epr.testing import mnist_subset
 
-    trainer = make_trainer(reference(steps=20), tmp_path / "run", steps=4)
+    teacher = mnist_reference(steps=20)
+    model = EPRModel.from_base(mnist_reference(steps=20), EPRConfig(rate_lambda=1.0, init_step_ratio=1 / 64))
+    args = EPRTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, report_to=[], save_strategy="no",
+                                disable_tqdm=True, use_cpu=True)
+    trainer = EPRTrainer(model=model, reference_model=teacher, args=args, train_dataset=mnist_subset(512),
+                         eval_dataset=mnist_subset(500, "test"))
     trainer.train()
     trainer.evaluate()
     trainer.push_to_hub(commit_message="end of training")
     files = sorted(p.name for p in hub["dir"].iterdir())
-    assert files == sorted(["README.md", "config.json", WEIGHTS_NAME, "epr_loader.py"])
+    assert files == sorted(["README.md", "config.json", WEIGHTS_NAME, "lenet.py", *BUNDLED_FILES])  # LeNet travels
     card = ModelCard.load(hub["dir"] / "README.md")
     evals = [h for h in trainer.state.log_history if "eval_coded_bytes" in h][-1]
     values = {r.metric_type: r.metric_value for r in card.data.eval_results}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hf_epr import EPRModel
-from hf_epr.loader import WEIGHTS_NAME
+from hf_epr.format import WEIGHTS_NAME
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "compress.py"
 
@@ -22,7 +22,7 @@ def run_recipe(args):
 
 
 def test_recipe_tiny_budget(tmp_path, capsys):
-    out = run_recipe(["--output_dir", str(tmp_path), "--max_steps", "15", "--reference_epochs", "0.2",
+    run_recipe(["--output_dir", str(tmp_path), "--max_steps", "15", "--reference_epochs", "0.2",
                       "--max_train_samples", "640", "--max_eval_samples", "300", "--disable_tqdm", "True",
                       "--logging_steps", "5"])
     printed = capsys.readouterr().out

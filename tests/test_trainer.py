@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import copy
-import math
-
 import json
+import math
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
 from hf_epr import EPRConfig, EPRModel
-from hf_epr.data import TensorRows, load_mnist, mnist_pixel_values
-from hf_epr.loader import WEIGHTS_NAME
-from hf_epr.models import LeNetConfig, LeNetForImageClassification
+from hf_epr.format import WEIGHTS_NAME
+from hf_epr.testing import mnist_reference, mnist_subset
 from hf_epr.trainer import POLICY_STATE, TRAINING_STATE, EPRTrainer, EPRTrainingArguments, EPRTrainingError
-
-
-def mnist_subset(n: int, split: str = "train", with_labels: bool = True) -> TensorRows:
-    x, y = load_mnist(split)
-    data = {"pixel_values": mnist_pixel_values(x[:n])}
-    if with_labels:
-        data["labels"] = torch.from_numpy(y[:n])
-    return TensorRows(data)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,24 +25,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def reference(variant: str = "lenet300-100", steps: int = 150) -> LeNetForImageClassification:
-    torch.manual_seed(0)
-    model = LeNetForImageClassification(LeNetConfig(variant=variant))
-    x, y = load_mnist("train")
-    xs, ys = mnist_pixel_values(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xs), (64,), generator=g)
-        opt.zero_grad()
-        model(pixel_values=xs[idx], labels=ys[idx]).loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def teacher():
-    return reference()
+    return mnist_reference()
 
 
 def make_trainer(teacher, tmp_path, lam=1.0, steps=60, lp="auto", train=None, **kw):

@@ -1,65 +1,268 @@
-"""Read and decode an EPR-compressed checkpoint.
+"""The coded weights file (``epr_weights.safetensors``): layout, writing, reading and validation, side by side.
 
-This module is self-contained on purpose: ``save_pretrained`` copies it verbatim into every
-compressed repo as ``epr_loader.py``, so ``AutoModelForImageClassification.from_pretrained(repo,
-trust_remote_code=True)`` works with only torch, transformers, numpy, safetensors and constriction
-installed. It reads safetensors + JSON only (no pickle, no eval/exec, no network of its own) and
-validates everything before allocating.
-
-File layout (``epr_weights.safetensors``, format version 2), all little-endian:
+Layout (format version 2), one safetensors file, all little-endian:
 
 * ``meta``    uint8: the JSON description (groups, tensors, precision, coder), zlib-compressed;
-* ``coded``   uint32 words of the ANS streams holding every integer latent, group by group (one stream,
-  or several listed in the description's ``streams`` as [n_words, n_groups], decodable in parallel);
-* ``tables``  uint8 LEB128 varints: the symbol counts of every group's table, concatenated (each table
-  sums to ``2**precision``, all counts >= 1, the last symbol of each table is the escape symbol);
+* ``coded``   uint32 words of the entropy-coded streams holding every integer latent, group by group (one
+  stream, or several listed in the description's ``streams`` as [n_words, n_groups], decodable in parallel);
+* ``tables``  uint8 LEB128 varints: the symbol counts of every group's table, concatenated (see ``coders``);
 * ``escapes`` int32 values of latents outside their table's range, in coding order (absent when none);
-* ``params``  float32 decoder parameters (log step sizes, shifts);
+* ``params``  float32 decoder parameters (see ``decoders``);
 * ``raw.<dtype>`` raw tensors and buffers of one dtype, concatenated.
 
-The safetensors metadata holds ``format`` ("hf_epr") and ``epr_sha256``, the sha256 of the whole file
-with that digest replaced by 64 zeros. Version 1 files (the JSON as the metadata entry ``epr``, always
-an ``escapes`` tensor) are still read.
+The safetensors metadata holds ``format`` ("hf_epr") and ``epr_sha256``, the sha256 of the whole file with
+that digest replaced by 64 zeros. Version 1 files (the JSON as the metadata entry ``epr``, always an
+``escapes`` tensor, range coded) are still read. Reading checks the checksum and validates every field before
+anything is decoded or allocated; it never unpickles or evaluates anything.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import math
+import mmap
 import os
 import re
+import tempfile
 import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
+
+from .coders import ANS, coder, ideal_bits, symbols_of
+from .decoders import decoder_for_entry
+from .errors import EPRError, EPRFormatError
 
 FORMAT_NAME = "hf_epr"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+WEIGHTS_NAME = "epr_weights.safetensors"
 META_TENSOR = "meta"
 MAX_META_BYTES = 1 << 26  # 64 MiB of JSON
-WEIGHTS_NAME = "epr_weights.safetensors"
-CONFIG_MODEL_TYPE = "epr_compressed"
 MAX_FILE_BYTES = 1 << 36  # 64 GiB
 MAX_TENSOR_NUMEL = 1 << 32
 MAX_TOTAL_NUMEL = 1 << 34
-RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None, "int64": np.int64,
-              "int32": np.int32, "bool": np.bool_, "uint8": np.uint8}
+STREAM_SYMBOLS = 1 << 22  # about 0.1 s of decoding: files with more symbols get one stream per this many
+MAX_STREAMS = 16
 _DIGEST_RE = re.compile(rb'"epr_sha256":"([0-9a-f]{64})"')
-
-
-class EPRError(Exception):
-    """Base class of every error hf_epr raises on purpose."""
-
-
-class EPRFormatError(EPRError, ValueError):
-    """A compressed file or folder is missing, corrupt, or not in a format this version reads."""
+_SAFETENSORS_DTYPES = {np.dtype(k): v for k, v in [
+    ("uint32", "U32"), ("uint16", "U16"), ("int32", "I32"), ("int64", "I64"), ("float32", "F32"),
+    ("float16", "F16"), ("bool", "BOOL"), ("uint8", "U8")]}
 
 
 # ---------------------------------------------------------------------------------------------
-# Container
+# In memory
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CodedGroup:
+    """One group of integer latents with its table over [lo, lo + n_symbols - 2] + escape."""
+
+    lo: int
+    counts: np.ndarray  # uint16, sum 2**precision, last entry = escape symbol
+    values: np.ndarray  # int32 latents in coding order
+
+    def ideal_bits(self, precision: int) -> float:
+        return ideal_bits(self.lo, self.counts, self.values, precision)
+
+
+@dataclass
+class Container:
+    """Everything one coded weights file holds, before serialization (or after decoding)."""
+
+    precision: int
+    groups: list[CodedGroup] = field(default_factory=list)
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    params: list[float] = field(default_factory=list)
+    raw: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add_raw(self, array: np.ndarray, dtype: str) -> int:
+        """Append a raw tensor; returns its offset in ``raw.<dtype>``."""
+        chunks = self.raw.setdefault(dtype, [])
+        offset = sum(c.size for c in chunks)
+        chunks.append(np.ascontiguousarray(array).reshape(-1))
+        return offset
+
+    def to_bytes(self) -> bytes:
+        """Serialize: safetensors with the zlib-compressed JSON description as a tensor, and a checksum."""
+        words, escapes, streams = encode_groups(self.groups, self.precision, split_streams(self.groups))
+        offsets = np.cumsum([0] + [g.counts.size for g in self.groups])[:-1].tolist()
+        meta = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "precision": self.precision,
+            "coder": ANS,
+            "constriction": importlib.metadata.version("constriction"),
+            "n_escapes": int(escapes.size),
+            "groups": [[int(g.lo), int(g.counts.size), int(o), int(g.values.size)] for g, o in zip(self.groups, offsets)],
+            "tensors": self.tensors, **self.extra,
+        }
+        if len(streams) > 1:
+            meta["streams"] = streams
+        description = zlib.compress(json.dumps(meta, separators=(",", ":")).encode(), 9)
+        counts = np.concatenate([g.counts for g in self.groups]) if self.groups else np.zeros(0, np.int64)
+        arrays = {
+            META_TENSOR: np.frombuffer(description, np.uint8),
+            "coded": words,
+            "tables": varints(counts),
+            "params": np.asarray(self.params, np.float32),
+        }
+        if escapes.size:
+            arrays["escapes"] = escapes
+        for dtype, chunks in self.raw.items():
+            arrays[f"raw.{dtype}"] = np.concatenate(chunks)
+        data = safetensors_bytes(arrays, {"format": FORMAT_NAME, "epr_sha256": "0" * 64})
+        digest = digest_of(data).encode()
+        return data.replace(b'"epr_sha256":"' + b"0" * 64 + b'"', b'"epr_sha256":"' + digest + b'"', 1)
+
+    @classmethod
+    def from_arrays(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "Container":
+        """The Container a read file was written from (decodes the latents)."""
+        counts = table_counts(arrays["tables"])
+        latents = decode_latents(meta, arrays)
+        c = cls(precision=meta["precision"], tensors=meta["tensors"], params=arrays["params"].tolist())
+        c.groups = [CodedGroup(lo, counts[off: off + n].astype(np.uint16), v)
+                    for (lo, n, off, _), v in zip(meta["groups"], latents)]
+        c.raw = {k.removeprefix("raw."): [v] for k, v in arrays.items() if k.startswith("raw.")}
+        known = ("format", "version", "precision", "coder", "constriction", "streams", "n_escapes", "groups", "tensors")
+        c.extra = {k: v for k, v in meta.items() if k not in known}
+        return c
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Container":
+        return cls.from_arrays(*read_container(path))
+
+    def size_report(self) -> dict[str, Any]:
+        """Per tensor: name, shape, kind, bits (ideal under its tables), bytes (coded bits + table + decoder
+        parameters + escapes, or raw bytes); totals from the real serialized size, and ``ideal_bytes``: the
+        latents' ideal code length under the stored tables plus the raw tensors (the file without tables,
+        description or coder overhead)."""
+        total = len(self.to_bytes())
+        rows, accounted, ideal = [], 0.0, 0.0
+        for t in self.tensors:
+            numel = math.prod(t["shape"])
+            if t["kind"] == "raw":
+                nbytes = numel * np.dtype(t["dtype"]).itemsize
+                bits = 8.0 * nbytes
+            else:
+                groups = [self.groups[g] for g in t["groups"]]
+                bits = sum(g.ideal_bits(self.precision) for g in groups)
+                n_params = decoder_for_entry(t).num_params
+                n_escapes = sum(symbols_of(g.lo, g.counts, g.values)[1].size for g in groups)
+                table_bytes = varints(np.concatenate([g.counts for g in groups])).size
+                nbytes = bits / 8 + table_bytes + 4 * (n_params + n_escapes)
+            accounted += nbytes
+            ideal += bits / 8
+            rows.append({"name": t["name"], "shape": t["shape"], "kind": t["kind"], "bits": bits, "bytes": nbytes,
+                         "bits_per_param": bits / max(1, numel)})
+        fp32 = sum(4 * math.prod(t["shape"]) for t in self.tensors)
+        return {"tensors": rows, "total_bytes": total, "container_overhead_bytes": total - accounted,
+                "ideal_bytes": ideal, "file_over_ideal": total / max(ideal, 1.0), "fp32_bytes": fp32,
+                "ratio": fp32 / total}
+
+
+def file_size_report(path: str | os.PathLike) -> dict[str, Any]:
+    """:meth:`Container.size_report` of a saved coded weights file, or of the one in a repo folder."""
+    if os.path.isdir(path):
+        path = os.path.join(path, WEIGHTS_NAME)
+    return Container.from_file(path).size_report()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def varints(values: np.ndarray) -> np.ndarray:
+    """LEB128 encoding (7 bits per byte, high bit = more follows) of non-negative integers < 2**21."""
+    v = np.asarray(values, np.int64)
+    nbytes = 1 + (v >= 1 << 7) + (v >= 1 << 14)
+    out = np.zeros(int(nbytes.sum()), np.uint8)
+    pos = np.cumsum(nbytes) - nbytes
+    for k in range(3):
+        sel = nbytes > k
+        more = (nbytes > k + 1)[sel]
+        out[pos[sel] + k] = ((v[sel] >> (7 * k)) & 0x7F) | (more * 0x80)
+    return out
+
+
+def split_streams(groups: list[CodedGroup], target: int | None = None) -> list[int]:
+    """Number of consecutive groups in each stream: about ``total / target`` streams (at most MAX_STREAMS) of
+    balanced symbol counts, cut at group boundaries, so that several processes can decode a large file."""
+    target = target or STREAM_SYMBOLS
+    sizes = np.array([g.values.size for g in groups], np.int64)
+    n = int(min(MAX_STREAMS, len(groups), max(1, -(-int(sizes.sum()) // target))))
+    if n <= 1:
+        return [len(groups)]
+    ends = np.searchsorted(np.cumsum(sizes), sizes.sum() * np.arange(1, n) / n) + 1  # first group after each cut
+    cuts = sorted(set(int(e) for e in ends if 0 < e < len(groups)))
+    return np.diff([0, *cuts, len(groups)]).tolist()
+
+
+def encode_groups(groups: list[CodedGroup], precision: int, streams: list[int] | None = None,
+                  coder_name: str = ANS) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """The coded words of consecutive runs of ``streams[k]`` groups (concatenated), the escaped values (in
+    decoding order), and ``[n_words, n_groups]`` per stream."""
+    streams = [len(groups)] if streams is None else streams
+    encode = coder(coder_name).encode
+    coded = [symbols_of(g.lo, g.counts, g.values) for g in groups]  # (table indices, escaped values) per group
+    words, table, first = [], [], 0
+    for n in streams:
+        words.append(encode([(sym, g.counts) for g, (sym, _) in zip(groups[first: first + n], coded[first: first + n])],
+                            precision))
+        table.append([int(words[-1].size), n])
+        first += n
+    escapes = [esc for _, esc in coded]
+    return (np.concatenate(words) if words else np.zeros(0, np.uint32),
+            (np.concatenate(escapes) if escapes else np.zeros(0, np.int32)).astype(np.int32), table)
+
+
+def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with a deterministic layout (sorted names, metadata first), so saves are byte-stable."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    chunks, pos = [], 0
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [pos, pos + len(raw)]}
+        chunks.append(raw)
+        pos += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to ``path`` through a temporary file in the same folder and an atomic rename; the file gets
+    the permissions ``open()`` would give it (0666 minus the umask)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validation
 # ---------------------------------------------------------------------------------------------
 
 
@@ -83,7 +286,7 @@ def _header_length(data: bytes) -> int:
 
 
 def parse_container(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Check a container's bytes and return (metadata, arrays). Raises :class:`EPRFormatError`."""
+    """Check a container's bytes and return (description, arrays). Raises :class:`EPRFormatError`."""
     if len(data) > MAX_FILE_BYTES:
         raise EPRFormatError(f"the file is {len(data)} bytes, more than the {MAX_FILE_BYTES} this reader accepts")
     n = _header_length(data)
@@ -130,7 +333,7 @@ def _description(metadata: dict[str, str], arrays: dict[str, np.ndarray]) -> Any
 
 
 def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read and check a container file."""
+    """Read and check a coded weights file."""
     if not os.path.isfile(path):
         raise EPRFormatError(f"{path} does not exist: this is not an hf_epr compressed checkpoint")
     size = os.path.getsize(path)
@@ -150,7 +353,7 @@ def _int(x: Any, lo: int = 0, hi: int = MAX_TOTAL_NUMEL) -> bool:
 
 
 def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """Check that metadata and arrays agree, before anything is decoded or allocated."""
+    """Check that the description and the arrays agree, before anything is decoded or allocated."""
     expect = {"coded": np.uint32, "tables": np.uint8, "escapes": np.int32, "params": np.float32}
     for name, dtype in expect.items():
         _need(name in arrays, f"tensor '{name}' is missing")
@@ -160,7 +363,7 @@ def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     groups = meta.get("groups")
     _need(isinstance(groups, list), "'groups' must be a list")
     n_tables = len(table_counts(arrays["tables"]))
-    total_latents = total_escapes = 0
+    total_latents = 0
     for g in groups:
         _need(isinstance(g, list) and len(g) == 4 and all(_int(v, -(1 << 31), 1 << 34) for v in g),
               f"group entry {g!r} must be [lo, n_symbols, table_offset, n_latents]")
@@ -171,8 +374,7 @@ def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         total_latents += count
     tensors = meta.get("tensors")
     _need(isinstance(tensors, list), "'tensors' must be a list")
-    coded_numel = 0
-    total = 0
+    coded_numel = total = 0
     seen: set[str] = set()
     for t in tensors:
         _need(isinstance(t, dict) and isinstance(t.get("name"), str), "every tensor needs a name")
@@ -185,32 +387,21 @@ def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         _need(numel <= MAX_TENSOR_NUMEL, f"{t['name']}: {numel} elements is absurd")
         total += numel
         _need(total <= MAX_TOTAL_NUMEL, f"{total} elements in all is absurd")
-        kind = t.get("kind")
-        if kind == "raw":
+        if t.get("kind") == "raw":
             key = f"raw.{t.get('dtype')}"
             _need(key in arrays, f"{t['name']}: tensor '{key}' is missing")
             off = t.get("offset")
             _need(_int(off) and off + numel <= arrays[key].size, f"{t['name']}: raw slice outside '{key}'")
             continue
-        _need(kind in ("affine", "dct"), f"{t['name']}: unknown kind {kind!r}")
+        kind = decoder_for_entry(t)
         gids = t.get("groups")
-        _need(isinstance(gids, list) and gids and all(_int(i, 0, len(groups) - 1) for i in gids),
-              f"{t['name']}: bad group ids")
+        _need(isinstance(gids, list) and len(gids) == kind.num_groups
+              and all(_int(i, 0, len(groups) - 1) for i in gids), f"{t['name']}: bad group ids")
         p = t.get("params")
-        n_params = 2 if kind == "affine" else len(gids)
-        _need(_int(p) and p + n_params <= arrays["params"].size, f"{t['name']}: parameters outside 'params'")
-        if kind == "dct":
-            _need(len(shape) == 4, f"{t['name']}: a dct tensor must be 4-D")
-            cg = t.get("coef_group")
-            _need(isinstance(cg, list) and len(cg) == shape[2] * shape[3]
-                  and all(_int(i, 0, len(gids) - 1) for i in cg), f"{t['name']}: bad coef_group")
-            for local in range(len(gids)):
-                per = cg.count(local) * shape[0] * shape[1]
-                _need(groups[gids[local]][3] == per, f"{t['name']}: group {gids[local]} holds "
-                      f"{groups[gids[local]][3]} latents, the tensor needs {per}")
-        else:
-            _need(len(gids) == 1 and groups[gids[0]][3] == numel,
-                  f"{t['name']}: its group holds a different number of latents than its {numel} elements")
+        _need(_int(p) and p + kind.num_params <= arrays["params"].size, f"{t['name']}: parameters outside 'params'")
+        for gid, needed in zip(gids, kind.group_sizes()):
+            _need(groups[gid][3] == needed, f"{t['name']}: group {gid} holds {groups[gid][3]} latents, "
+                                            f"the tensor needs {needed}")
         coded_numel += numel
     _need(coded_numel == total_latents, f"tensors need {coded_numel} latents, groups hold {total_latents}")
     if "streams" in meta:
@@ -222,11 +413,6 @@ def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
               "the streams do not cover the coded words and the groups exactly")
     total_escapes = meta.get("n_escapes")
     _need(_int(total_escapes) and total_escapes == arrays["escapes"].size, "escape count disagrees with payload")
-
-
-# ---------------------------------------------------------------------------------------------
-# Entropy decoding
-# ---------------------------------------------------------------------------------------------
 
 
 def table_counts(varints: np.ndarray) -> np.ndarray:
@@ -245,30 +431,6 @@ def table_counts(varints: np.ndarray) -> np.ndarray:
     return np.add.reduceat((b & 0x7F).astype(np.int64) << shift, starts)
 
 
-def categorical(counts: np.ndarray, precision: int):
-    """The constriction model of one stored integer table (exact dyadic floats, perfect=False)."""
-    import constriction
-
-    probs = counts.astype(np.float64) / float(1 << precision)
-    return constriction.stream.model.Categorical(probs, perfect=False)
-
-
-CODERS = {  # the "coder" entry of the description -> how to open the stream for decoding
-    "constriction.stream.stack.AnsCoder/Categorical(perfect=False)": "stack.AnsCoder",  # version 2
-    "constriction.stream.queue.RangeEncoder/Categorical(perfect=False)": "queue.RangeDecoder",  # version 1
-}
-
-
-def open_stream(coder: str, words: np.ndarray):
-    """A constriction decoder over ``words`` for a file written with ``coder``."""
-    import constriction
-
-    if coder not in CODERS:
-        raise EPRFormatError(f"unknown entropy coder {coder!r}; this reader knows {sorted(CODERS)}")
-    module, cls = CODERS[coder].split(".")
-    return getattr(getattr(constriction.stream, module), cls)(np.ascontiguousarray(words, np.uint32))
-
-
 def stream_plan(meta: dict[str, Any], n_words: int) -> list[tuple[int, int, int, int]]:
     """(first word, end word, first group, end group) of each independently decodable stream; files with
     one stream (all version 1 files) have no ``streams`` entry."""
@@ -283,12 +445,10 @@ def stream_plan(meta: dict[str, Any], n_words: int) -> list[tuple[int, int, int,
 def _decode_symbols(meta: dict[str, Any], words: np.ndarray, counts: np.ndarray, groups: range,
                     starts: np.ndarray, out: np.ndarray) -> None:
     """Decode the table indices of ``groups`` (one stream) into ``out`` at each group's start."""
-    decoder = open_stream(meta.get("coder"), words)
-    for i in groups:
-        lo, n_sym, off, count = meta["groups"][i]
-        if count:
-            model = categorical(counts[off: off + n_sym], meta["precision"])
-            out[starts[i]: starts[i] + count] = decoder.decode(model, count)
+    tables = [(counts[off: off + n_sym], count) for _, n_sym, off, count in (meta["groups"][i] for i in groups)]
+    decoded = coder(meta.get("coder")).decode(words, tables, meta["precision"])
+    for i, symbols in zip(groups, decoded):
+        out[starts[i]: starts[i] + symbols.size] = symbols
 
 
 def decode_processes() -> int:
@@ -309,9 +469,8 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
                    processes: int | None = None) -> list[np.ndarray]:
     """Decode every group's integer latents (int32), in group order; the streams of a multi-stream file
     are decoded by up to ``processes`` processes at once (default: :func:`decode_processes`)."""
-    import mmap
-
     precision, groups = meta["precision"], meta["groups"]
+    coder(meta.get("coder"))  # an unknown coder is a format error, before any work
     counts = table_counts(arrays["tables"])
     for lo, n_sym, off, count in groups:
         table = counts[off: off + n_sym]
@@ -367,170 +526,3 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     if used != escapes.size:
         raise EPRFormatError("the file holds escaped values that the coded stream does not use")
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoders (shared with training: the same functions compute the weights in both places)
-# ---------------------------------------------------------------------------------------------
-
-
-def dct_matrix(n: int) -> torch.Tensor:
-    """Orthonormal DCT-II matrix D (n x n, float32): coefficients = D @ x, x = D.T @ coefficients."""
-    k = np.arange(n)[:, None]
-    x = np.arange(n)[None, :]
-    d = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
-    d[0] /= np.sqrt(2.0)
-    return torch.from_numpy(d.astype(np.float32))
-
-
-def affine_decode(q: torch.Tensor, log_step: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """w = step * q + shift."""
-    return torch.exp(log_step) * q + shift
-
-
-def dct_decode(q: torch.Tensor, log_steps: torch.Tensor, coef_group: torch.Tensor) -> torch.Tensor:
-    """k x k kernels from quantized DCT coefficients: W = Dh.T @ (step * q) @ Dw per slice, computed as one
-    matrix product of the flattened slices with kron(Dh, Dw) (a single GEMM instead of two per slice)."""
-    kh, kw = q.shape[-2:]
-    steps = torch.exp(log_steps)[coef_group]
-    basis = torch.kron(dct_matrix(kh), dct_matrix(kw)).to(q.device)  # [(u, v), (i, j)] = Dh[u, i] * Dw[v, j]
-    return ((q.reshape(*q.shape[:-2], kh * kw) * steps) @ basis).view(q.shape)
-
-
-def iter_decoded(meta: dict[str, Any], arrays: dict[str, np.ndarray], latents: list[np.ndarray] | None = None):
-    """Yield (names, tensor) for every stored tensor (names: the tensor's name and its tied aliases)."""
-    latents = decode_latents(meta, arrays) if latents is None else latents
-    params = torch.from_numpy(arrays["params"].copy())
-    for t in meta["tensors"]:
-        shape = tuple(t["shape"])
-        if t["kind"] == "raw":
-            flat = arrays[f"raw.{t['dtype']}"]
-            value = torch.from_numpy(flat[t["offset"]: t["offset"] + math.prod(shape)].copy()).view(shape)
-        elif t["kind"] == "affine":
-            q = torch.from_numpy(latents[t["groups"][0]].astype(np.float32)).view(shape)
-            p = t["params"]
-            value = affine_decode(q, params[p], params[p + 1])
-        else:
-            q = torch.from_numpy(dct_latents(t, latents)).view(shape)
-            p = t["params"]
-            value = dct_decode(q, params[p: p + len(t["groups"])], torch.tensor(t["coef_group"]))
-        yield [t["name"], *t.get("aliases", [])], value
-
-
-def decode_state_dict(meta: dict[str, Any], arrays: dict[str, np.ndarray],
-                      latents: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, by name (aliases of shared tensors included)."""
-    return {name: value for names, value in iter_decoded(meta, arrays, latents) for name in names}
-
-
-def dct_latents(t: dict[str, Any], latents: list[np.ndarray]) -> np.ndarray:
-    """Reassemble a dct tensor's latents (float32, tensor shape) from its groups."""
-    o, i, kh, kw = t["shape"]
-    cg = np.asarray(t["coef_group"])
-    q = np.empty((o * i, kh * kw), np.float32)
-    for local, gid in enumerate(t["groups"]):
-        cols = np.flatnonzero(cg == local)
-        q[:, cols] = latents[gid].reshape(o * i, len(cols))
-    return q
-
-
-# ---------------------------------------------------------------------------------------------
-# transformers entry points
-# ---------------------------------------------------------------------------------------------
-
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel  # noqa: E402
-
-
-class EPRCompressedConfig(PreTrainedConfig):
-    """config.json of a compressed repo: the base model's config plus the ``epr`` section."""
-
-    model_type = CONFIG_MODEL_TYPE
-    base_config: dict | None = None
-    epr: dict | None = None
-
-    def to_base_config(self) -> PreTrainedConfig:
-        """The base architecture's own config object."""
-        if not isinstance(self.base_config, dict) or "model_type" not in self.base_config:
-            raise EPRFormatError("config.json has no 'base_config' with a 'model_type': not an hf_epr repo")
-        base = dict(self.base_config)
-        return AutoConfig.for_model(base.pop("model_type"), **base)
-
-
-def build_base_model(config: PreTrainedConfig, skip_init: bool = False) -> PreTrainedModel:
-    """An instance of the base architecture named in ``config.architectures``.
-
-    ``skip_init`` leaves the weights uninitialised (faster): only for callers that overwrite every tensor.
-    """
-    import contextlib
-
-    import transformers
-
-    names = config.architectures or []
-    cls = getattr(transformers, names[0], None) if names else None
-    context = contextlib.nullcontext()
-    if skip_init:
-        try:
-            from transformers.initialization import no_init_weights
-            context = no_init_weights()
-        except ImportError:  # older transformers: initialise normally
-            pass
-    with context:
-        if cls is None:
-            return transformers.AutoModelForImageClassification.from_config(config)
-        return cls(config)
-
-
-def resolve_file(repo: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
-    """Local path of one file of a compressed repo (a folder or a Hub id)."""
-    if os.path.isdir(repo):
-        path = os.path.join(repo, filename)
-        if not os.path.isfile(path):
-            raise EPRFormatError(f"{repo} has no {filename}: it is not an hf_epr compressed repo")
-        return path
-    from transformers.utils import cached_file
-
-    keep = {k: hub_kwargs[k] for k in ("cache_dir", "force_download", "proxies", "token", "revision",
-                                        "local_files_only", "subfolder") if k in hub_kwargs}
-    return cached_file(str(repo), filename, **keep)
-
-
-def load_decoded(model: PreTrainedModel, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> PreTrainedModel:
-    """Decode a checkpoint into ``model`` tensor by tensor (names and shapes must match exactly)."""
-    own = model.state_dict()
-    stored = {name: t["shape"] for t in meta["tensors"] for name in (t["name"], *t.get("aliases", []))}
-    missing, extra = sorted(set(own) - set(stored)), sorted(set(stored) - set(own))
-    if missing or extra:
-        raise EPRFormatError(f"the file does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, shape in stored.items():
-        if tuple(own[name].shape) != tuple(shape):
-            raise EPRFormatError(f"{name}: file shape {tuple(shape)} != model shape {tuple(own[name].shape)}")
-    # the decoded tensors become the model's storage (no copy into the uninitialized tensors it was built with)
-    targets = {**dict(model.named_parameters(remove_duplicate=False)),
-               **dict(model.named_buffers(remove_duplicate=False))}
-    with torch.no_grad():
-        for names, value in iter_decoded(meta, arrays):
-            for name in names:
-                if name in targets:
-                    targets[name].data = value.to(targets[name].dtype)
-                else:  # a state entry that is not a plain parameter or buffer (rare): copy in place
-                    own[name].copy_(value.to(own[name].dtype))
-    return model
-
-
-class EPRCompressedForImageClassification(PreTrainedModel):
-    """Loader: ``from_pretrained`` returns the decoded base model (e.g. ResNetForImageClassification)."""
-
-    config_class = EPRCompressedConfig
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):  # noqa: D102
-        if not isinstance(config, EPRCompressedConfig):
-            config = EPRCompressedConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        base_config = config.to_base_config()
-        meta, arrays = read_container(resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **kwargs))
-        model = build_base_model(base_config, skip_init=True)  # every tensor is overwritten from the file
-        load_decoded(model, meta, arrays)
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        if isinstance(dtype, torch.dtype):
-            model = model.to(dtype)
-        return model.eval()

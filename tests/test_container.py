@@ -1,10 +1,10 @@
-"""The coded format: typed errors on bad input, a fuzz test, and a golden test vector."""
+"""The coded weights file: round trips, golden files, typed errors on bad input, atomic writes."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
-import shutil
 import zlib
 from pathlib import Path
 
@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+import hf_epr.format.container as container
 from hf_epr import EPRConfig, EPRError, EPRFormatError, EPRModel
-from hf_epr.codec import Container, CodedGroup, quantize_pmf, safetensors_bytes
-from hf_epr.loader import (EPRCompressedForImageClassification, WEIGHTS_NAME, decode_latents, decode_state_dict,
-                           digest_of, parse_container)
+from hf_epr.format import WEIGHTS_NAME, decode_state_dict, file_size_report
+from hf_epr.format.coders import quantize_pmf
+from hf_epr.format.container import (CodedGroup, Container, decode_latents, digest_of, encode_groups,
+                                     parse_container, safetensors_bytes, table_counts, varints)
+from hf_epr.testing import tiny_inputs, tiny_model, train_a_few_steps
+
 
 DATA = Path(__file__).parent / "data"
 
@@ -78,16 +81,11 @@ def test_golden_vector(version):
 
 
 def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch):
-    import os
-
-    import hf_epr.codec as codec
-    import hf_epr.loader as loader
-
     c = small_container()
     c.groups += [CodedGroup(-3, quantize_pmf(np.ones(8), 16), np.arange(-3, 4, dtype=np.int32).repeat(30))]
     c.tensors.append({"name": "c.weight", "shape": [210], "kind": "affine", "groups": [2], "params": 4})
     c.params += [0.0, 0.0]
-    monkeypatch.setattr(codec, "STREAM_SYMBOLS", 250)  # 712 symbols -> 3 streams of whole groups
+    monkeypatch.setattr(container, "STREAM_SYMBOLS", 250)  # 712 symbols -> 3 streams of whole groups
     meta, arrays = parse_container(c.to_bytes())
     assert [n for _, n in meta["streams"]] == [1, 1, 1]
     for processes in (1, 2, 3):
@@ -95,14 +93,14 @@ def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch):
         assert all(np.array_equal(a, g.values) for a, g in zip(latents, c.groups))
 
     parent = os.getpid()
-    real = loader._decode_symbols
+    real = container._decode_symbols
 
     def fails_in_child(*args):
         if os.getpid() != parent:
             raise RuntimeError("boom")
         return real(*args)
 
-    monkeypatch.setattr(loader, "_decode_symbols", fails_in_child)
+    monkeypatch.setattr(container, "_decode_symbols", fails_in_child)
     with pytest.raises(EPRFormatError, match="decoding process failed"):
         decode_latents(meta, arrays, processes=2)
     monkeypatch.setenv("HF_EPR_DECODE_PROCESSES", "two")
@@ -184,35 +182,14 @@ def test_fuzz_never_crashes_untyped():
     assert outcomes["error"] >= 1000
 
 
-def test_folder_errors(tmp_path):
-    with pytest.raises(EPRFormatError, match="not an hf_epr"):
-        EPRModel.from_pretrained(tmp_path)
-    model = EPRModel.from_base(tiny_model("resnet"), EPRConfig())
-    model.save_pretrained(tmp_path / "ok")
-    shutil.copytree(tmp_path / "ok", tmp_path / "noweights")
-    (tmp_path / "noweights" / WEIGHTS_NAME).unlink()
-    with pytest.raises(EPRFormatError):
-        EPRCompressedForImageClassification.from_pretrained(tmp_path / "noweights")
-    # a file from another model does not load into this one
-    other = EPRModel.from_base(tiny_model("regnet"), EPRConfig())
-    other.save_pretrained(tmp_path / "other")
-    shutil.copy(tmp_path / "other" / WEIGHTS_NAME, tmp_path / "ok" / WEIGHTS_NAME)
-    with pytest.raises(EPRFormatError):
-        EPRModel.from_pretrained(tmp_path / "ok")
-    with pytest.raises(EPRFormatError):
-        EPRCompressedForImageClassification.from_pretrained(tmp_path / "ok")
-
-
 def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     model = EPRModel.from_base(tiny_model("resnet"), EPRConfig())
     model.save_pretrained(tmp_path)
     before = (tmp_path / WEIGHTS_NAME).read_bytes()
-    import hf_epr.codec as codec
-
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(codec.os, "fsync", boom)
+    monkeypatch.setattr(container.os, "fsync", boom)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
@@ -220,9 +197,6 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_table_varints_roundtrip_and_reject_garbage():
-    from hf_epr.codec import varints
-    from hf_epr.loader import table_counts
-
     values = np.array([1, 127, 128, 16383, 16384, 65535, 65536, 3])
     encoded = varints(values)
     assert encoded.size == 1 + 1 + 2 + 2 + 3 + 3 + 3 + 1
@@ -231,3 +205,32 @@ def test_table_varints_roundtrip_and_reject_garbage():
         table_counts(encoded[:-2])  # ends inside a value
     with pytest.raises(EPRFormatError):
         table_counts(np.array([0x80, 0x80, 0x80, 0x01], np.uint8))  # a 4-byte count
+
+
+def test_coded_size_near_ideal_and_report_equals_file(tmp_path):
+    model = EPRModel.from_base(tiny_model("convnext"), EPRConfig(rate_lambda=0.1))
+    train_a_few_steps(model, tiny_inputs("convnext"), steps=3)
+    c = model.to_container()
+    words = encode_groups(c.groups, c.precision)[0]
+    ideal = sum(g.ideal_bits(c.precision) for g in c.groups) / 8
+    assert words.nbytes <= 1.01 * ideal + 4 * len(c.groups) + 8
+    report = model.size_report()
+    model.save_pretrained(tmp_path)
+    assert report["total_bytes"] == (tmp_path / WEIGHTS_NAME).stat().st_size
+    assert {r["kind"] for r in report["tensors"]} >= {"affine", "dct", "raw"}
+    assert abs(sum(r["bytes"] for r in report["tensors"]) + report["container_overhead_bytes"]
+               - report["total_bytes"]) < 1e-6
+    assert report["ideal_bytes"] == pytest.approx(ideal + sum(r["bytes"] for r in report["tensors"] if r["kind"] == "raw"))
+    assert 1.0 < report["file_over_ideal"] == report["total_bytes"] / report["ideal_bytes"]
+    assert file_size_report(tmp_path / WEIGHTS_NAME) == report  # the saved file reports the same
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        EPRModel.from_base(tiny_model("resnet"), EPRConfig()).save_pretrained(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes and set(modes.values()) == {0o666 & ~umask}, modes

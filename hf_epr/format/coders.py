@@ -1,0 +1,141 @@
+"""Entropy coders and their integer tables.
+
+A table is a list of integer counts summing to ``2**precision``, every symbol at least 1, for the values
+``[lo, lo + n - 2]`` followed by one escape symbol (values outside that range are stored verbatim). The file
+stores the tables; decoding reads them and never recomputes probabilities from floats, so it is bit-exact.
+
+``CODERS`` maps the name a file records to its (encode, decode) pair: adding a coder is one entry.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import numpy as np
+
+from .errors import EPRFormatError
+
+
+def categorical(counts: np.ndarray, precision: int):
+    """The constriction model of one stored integer table (exact dyadic floats, ``perfect=False``)."""
+    import constriction
+
+    probs = np.asarray(counts, np.float64) / float(1 << precision)
+    return constriction.stream.model.Categorical(probs, perfect=False)
+
+
+class Coder(NamedTuple):
+    """encode(groups, precision) -> uint32 words, for groups of (symbols, counts) in decoding order;
+    decode(words, tables, precision) -> one int32 symbol array per (counts, n_symbols) table, in order."""
+
+    encode: Callable[[list[tuple[np.ndarray, np.ndarray]], int], np.ndarray]
+    decode: Callable[[np.ndarray, Iterable[tuple[np.ndarray, int]], int], Iterator[np.ndarray]]
+
+
+def _ans_encode(groups: list[tuple[np.ndarray, np.ndarray]], precision: int) -> np.ndarray:
+    import constriction
+
+    coder = constriction.stream.stack.AnsCoder()
+    for symbols, counts in reversed(groups):  # a stack: push the last group first, each in reverse
+        if symbols.size:
+            coder.encode_reverse(symbols, categorical(counts, precision))
+    return np.asarray(coder.get_compressed(), np.uint32)
+
+
+def _ans_decode(words: np.ndarray, tables: Iterable[tuple[np.ndarray, int]], precision: int) -> Iterator[np.ndarray]:
+    import constriction
+
+    coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, np.uint32))
+    for counts, n in tables:
+        yield coder.decode(categorical(counts, precision), n) if n else np.zeros(0, np.int32)
+
+
+def _range_encode(groups: list[tuple[np.ndarray, np.ndarray]], precision: int) -> np.ndarray:
+    import constriction
+
+    coder = constriction.stream.queue.RangeEncoder()
+    for symbols, counts in groups:
+        if symbols.size:
+            coder.encode(symbols, categorical(counts, precision))
+    return np.asarray(coder.get_compressed(), np.uint32)
+
+
+def _range_decode(words: np.ndarray, tables: Iterable[tuple[np.ndarray, int]], precision: int) -> Iterator[np.ndarray]:
+    import constriction
+
+    coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, np.uint32))
+    for counts, n in tables:
+        yield coder.decode(categorical(counts, precision), n) if n else np.zeros(0, np.int32)
+
+
+ANS = "constriction.stream.stack.AnsCoder/Categorical(perfect=False)"
+CODERS: dict[str, Coder] = {
+    ANS: Coder(_ans_encode, _ans_decode),  # written since format version 2
+    "constriction.stream.queue.RangeEncoder/Categorical(perfect=False)": Coder(_range_encode, _range_decode),  # v1
+}
+
+
+def coder(name: str) -> Coder:
+    """The coder a file names; EPRFormatError for one this reader does not know."""
+    if name not in CODERS:
+        raise EPRFormatError(f"unknown entropy coder {name!r}; this reader knows {sorted(CODERS)}")
+    return CODERS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_pmf(pmf: np.ndarray, precision: int) -> np.ndarray:
+    """Integer counts (uint16) summing to ``2**precision``, every symbol >= 1, from probabilities.
+
+    ``pmf`` holds the in-range probabilities followed by the escape probability (any remaining mass).
+    """
+    pmf = np.clip(np.nan_to_num(np.asarray(pmf, np.float64), nan=0.0), 0.0, None)
+    n = pmf.size
+    total = 1 << precision
+    if not 2 <= n <= total // 2:
+        raise ValueError(f"a table needs 2..{total // 2} symbols, got {n}")
+    pmf = pmf / pmf.sum() if pmf.sum() > 0 else np.full(n, 1.0 / n)
+    counts = 1 + np.floor(pmf * (total - n)).astype(np.int64)
+    counts[np.argmax(pmf)] += total - counts.sum()
+    return counts.astype(np.uint16)
+
+
+def table_support(values: np.ndarray, max_symbols: int) -> tuple[int, int]:
+    """[lo, hi] covering the values, narrowed around the median to at most ``max_symbols - 1`` values."""
+    lo, hi = int(values.min()), int(values.max())
+    width = max_symbols - 1
+    if hi - lo + 1 > width:
+        mid = int(np.median(values))
+        lo = max(lo, mid - width // 2)
+        hi = lo + width - 1
+    return lo, hi
+
+
+def histogram_table(values: np.ndarray, precision: int, max_symbols: int) -> tuple[int, np.ndarray]:
+    """(lo, counts): the table of a group's integer values from their own histogram (the cheapest code for
+    exactly these values), with the values outside [lo, lo + n - 2] counted on the escape symbol."""
+    lo, hi = table_support(values, max_symbols)
+    hist = np.bincount(np.clip(values.astype(np.int64) - lo, 0, hi - lo + 1), minlength=hi - lo + 2)
+    hist[-1] = int(((values < lo) | (values > hi)).sum())
+    return lo, quantize_pmf(hist, precision)
+
+
+def symbols_of(lo: int, counts: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Table indices of ``values`` under a table starting at ``lo``, and the escaped values (outside it)."""
+    n_sym = counts.size
+    idx = values.astype(np.int64) - lo
+    esc = (idx < 0) | (idx >= n_sym - 1)
+    idx[esc] = n_sym - 1
+    return idx.astype(np.int32), values[esc].astype(np.int32)
+
+
+def ideal_bits(lo: int, counts: np.ndarray, values: np.ndarray, precision: int) -> float:
+    """-sum log2 p of ``values`` under one stored table (the escape symbol's cost included, not the escaped
+    values' own bytes)."""
+    if not values.size:
+        return 0.0
+    symbols, _ = symbols_of(lo, counts, values)
+    return -float(np.log2(counts[symbols].astype(np.float64) / (1 << precision)).sum())

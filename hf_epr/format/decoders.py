@@ -1,0 +1,356 @@
+"""Decoder kinds: how one tensor's integer latents become its weights, and how they are grouped for coding.
+
+Every kind quantizes per *group* of elements with a learned step (and, where ``has_shift``, a shift):
+``u = (z - shift_g) / step_g`` are the latents in integer units, ``q = round(u)`` is what the file codes (one
+table per group), and the weights are ``w = transform(step_g * q + shift_g)``. A kind says which group each
+element belongs to (``pattern``), and which linear ``transform`` follows (identity for ``affine``, the inverse
+2-D DCT of each kernel slice for ``dct``). Its parameters are stored flat as ``[log_step_0 .. log_step_{G-1}]``
+followed by ``[shift_0 .. shift_{G-1}]`` when the kind has shifts.
+
+The same class serves the file (``split``/``join`` into coding groups, ``decode``, ``check``) and training
+(``units``, ``forward`` with a straight-through rounding, ``initial_params``). A new kind is one subclass
+registered with :func:`register_decoder_kind`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import EPRFormatError
+
+MAX_LATENT = float(1 << 30)  # rounded latents are clamped to +-2**30 so they fit int32
+
+
+def round_latent(u: torch.Tensor) -> torch.Tensor:
+    """round(u), clamped to +-2**30 (no gradient)."""
+    return torch.round(u).clamp(-MAX_LATENT, MAX_LATENT)
+
+
+def ste_round(u: torch.Tensor) -> torch.Tensor:
+    """round(u) in value (clamped like :func:`round_latent`), identity in gradient."""
+    return round_latent(u) + (u - u.detach())
+
+
+def init_log_step(w: torch.Tensor, ratio: float) -> torch.Tensor:
+    """log of ``ratio`` times the tensor's spread (its RMS around the mean; 1e-2 for a constant tensor)."""
+    w = w.detach().float()
+    spread = (w - w.mean()).pow(2).mean().sqrt()
+    return torch.log(torch.where(spread > 0, spread, torch.full_like(spread, 1e-2)) * ratio)
+
+
+def dct_matrix(n: int) -> torch.Tensor:
+    """Orthonormal DCT-II matrix D (n x n, float32): coefficients = D @ x, x = D.T @ coefficients."""
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    d = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    d[0] /= np.sqrt(2.0)
+    return torch.from_numpy(d.astype(np.float32))
+
+
+class _QuantizeSTE(torch.autograd.Function):
+    """x = step * round((z - shift) / step) + shift with straight-through rounding, fused.
+
+    ``log_step`` and ``shift`` are per-group values already broadcast against z (views). Closed-form gradients
+    of the unfused expression: dx/dz = 1, dx/dlog_step = x - z (summed over each group's elements), dx/dshift = 0.
+    One saved tensor and one reduction instead of a chain of elementwise ops both ways.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, log_step: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        step = torch.exp(log_step)
+        x = step * round_latent((z - shift) / step if shift is not None else z / step)
+        if shift is not None:
+            x = x + shift
+        ctx.save_for_backward(x - z)
+        ctx.log_step_shape, ctx.has_shift = log_step.shape, shift is not None
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (diff,) = ctx.saved_tensors
+        grad_log_step = (grad * diff).sum_to_size(ctx.log_step_shape)
+        grad_shift = torch.zeros(ctx.log_step_shape, dtype=grad.dtype, device=grad.device) if ctx.has_shift else None
+        return grad, grad_log_step, grad_shift
+
+
+class DecoderKind:
+    """One compressed tensor's decoder: shape, grouping and maths (see the module docstring).
+
+    Subclasses set ``name``, ``has_shift`` and ``layout_keys`` (the extra fields of the file's tensor entry),
+    and implement ``group_pattern``; they override ``transform``/``inverse_transform`` and, for speed,
+    ``split``/``join``.
+    """
+
+    name: ClassVar[str]
+    has_shift: ClassVar[bool] = True
+    layout_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, shape: Sequence[int], **layout: Any):
+        self.shape = tuple(int(s) for s in shape)
+        self._cache: dict[Any, torch.Tensor] = {}
+        self.check()
+
+    # ------------------------------------------------------------------ layout
+    @classmethod
+    def for_weight(cls, shape: Sequence[int], options: Mapping[str, Any]) -> "DecoderKind":
+        """The decoder a training run gives a weight of this shape (``options``: the EPRConfig as a dict)."""
+        return cls(shape)
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any]) -> "DecoderKind":
+        """The decoder of a file's tensor entry (raises EPRFormatError if its layout is inconsistent)."""
+        return cls(entry["shape"], **{k: entry.get(k) for k in cls.layout_keys})
+
+    def layout(self) -> dict[str, Any]:
+        """The fields the file's tensor entry needs besides name, shape and kind."""
+        return {}
+
+    def check(self) -> None:
+        """Raise EPRFormatError if shape and layout do not fit this kind."""
+
+    def group_pattern(self) -> np.ndarray:
+        """Group id of each element, as an int64 array that broadcasts against the tensor's shape."""
+        raise NotImplementedError
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_pattern().max()) + 1 if self.group_pattern().size else 0
+
+    @property
+    def num_params(self) -> int:
+        return self.num_groups * (2 if self.has_shift else 1)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def group_sizes(self) -> list[int]:
+        """Number of latents in each coding group."""
+        p = self.group_pattern()
+        per = self.numel // max(1, p.size)  # elements each pattern entry stands for
+        return (np.bincount(p.reshape(-1), minlength=self.num_groups) * per).tolist()
+
+    # ------------------------------------------------------------------ coding order
+    def split(self, q: np.ndarray) -> list[np.ndarray]:
+        """The integer latents (tensor-shaped) as one flat array per coding group, in coding order."""
+        groups = np.broadcast_to(self.group_pattern(), self.shape).reshape(-1)
+        flat = q.reshape(-1)
+        return [flat[groups == g] for g in range(self.num_groups)]
+
+    def join(self, groups: list[np.ndarray]) -> np.ndarray:
+        """Inverse of :meth:`split`: a float32 array of the tensor's shape."""
+        ids = np.broadcast_to(self.group_pattern(), self.shape).reshape(-1)
+        out = np.empty(self.numel, np.float32)
+        for g, values in enumerate(groups):
+            out[ids == g] = values
+        return out.reshape(self.shape)
+
+    # ------------------------------------------------------------------ maths
+    def pattern(self, device: torch.device) -> torch.Tensor:
+        """:meth:`group_pattern` as a tensor on ``device`` (cached)."""
+        key = ("pattern", str(device))
+        if key not in self._cache:
+            self._cache[key] = torch.as_tensor(self.group_pattern(), dtype=torch.long, device=device)
+        return self._cache[key]
+
+    def group_view(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-group ``values`` (G,) spread over the elements (a tensor that broadcasts against the shape)."""
+        return values[self.pattern(values.device)]
+
+    def params_split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log_step (G,), shift (G,) or None) from the flat parameters."""
+        g = self.num_groups
+        return params[:g], (params[g: 2 * g] if self.has_shift else None)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear map from dequantized latents to weights (identity unless overridden)."""
+        return x
+
+    def inverse_transform(self, w: torch.Tensor) -> torch.Tensor:
+        """Weights -> latents in weight units (the inverse of :meth:`transform`)."""
+        return w
+
+    def decode(self, q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Weights from integer latents ``q`` (float, tensor-shaped) and the flat parameters."""
+        log_step, shift = self.params_split(params)
+        x = self.group_view(torch.exp(log_step)) * q
+        if shift is not None:
+            x = x + self.group_view(shift)
+        return self.transform(x)
+
+    def units(self, z: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Latents in integer units, before rounding: (z - shift) / step."""
+        log_step, shift = self.params_split(params)
+        step = self.group_view(torch.exp(log_step))
+        return (z - self.group_view(shift)) / step if shift is not None else z / step
+
+    def forward(self, z: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Training forward: the weights with straight-through rounding (gradients to z and the parameters)."""
+        log_step, shift = self.params_split(params)
+        x = _QuantizeSTE.apply(z, self.group_view(log_step), self.group_view(shift) if shift is not None else None)
+        return self.transform(x)
+
+    def from_integers(self, q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """A latent z (weight units) whose rounding gives the integers ``q``."""
+        log_step, shift = self.params_split(params)
+        z = self.group_view(torch.exp(log_step)) * q
+        return z + self.group_view(shift) if shift is not None else z
+
+    def group_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Group id of every element in the latent's flat (row-major) order."""
+        return self.pattern(torch.device(device)).expand(self.shape).reshape(-1)
+
+    def reduce_to_groups(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """``op`` ("amin" or "amax") of a tensor-shaped ``x`` over each group's elements: shape (G,)."""
+        p = self.pattern(x.device)
+        lead = x.ndim - p.ndim
+        dims = [d for d in range(x.ndim) if d < lead or (p.shape[d - lead] == 1 and x.shape[d] != 1)]
+        r = getattr(torch, op)(x, dim=tuple(dims), keepdim=True) if dims else x
+        r, ids = r.reshape(-1), p.expand(r.shape[lead:]).reshape(-1)
+        if ids.numel() == self.num_groups and bool((ids == torch.arange(ids.numel(), device=x.device)).all()):
+            return r
+        out = r.new_zeros(self.num_groups)
+        return out.scatter_reduce(0, ids, r, op, include_self=False)
+
+    def initial_params(self, w: torch.Tensor, step_ratio: float) -> torch.Tensor:
+        """Starting parameters for the weight ``w``: a step of ``step_ratio`` times its spread, its mean as shift."""
+        log_step = init_log_step(w, step_ratio).reshape(1).repeat(self.num_groups)
+        if not self.has_shift:
+            return log_step
+        return torch.cat([log_step, w.detach().float().mean().reshape(1).repeat(self.num_groups)])
+
+
+class AffineKind(DecoderKind):
+    """``w = step * q + shift``: one step, one shift and one coding group per tensor (dense weights)."""
+
+    name = "affine"
+
+    def group_pattern(self) -> np.ndarray:
+        return np.zeros((1,), np.int64)
+
+    @property
+    def num_groups(self) -> int:
+        return 1
+
+    def split(self, q: np.ndarray) -> list[np.ndarray]:
+        return [q.reshape(-1)]
+
+    def join(self, groups: list[np.ndarray]) -> np.ndarray:
+        return groups[0].astype(np.float32).reshape(self.shape)
+
+
+def dct_coef_groups(kh: int, kw: int, slices: int, grouping: str, min_latents: int) -> list[int]:
+    """Group of each DCT coefficient (row-major kh x kw): bands u+v merged until each is large enough."""
+    if grouping == "frequency":
+        return list(range(kh * kw))
+    band = [u + v for u in range(kh) for v in range(kw)]
+    if grouping == "tensor":
+        return [0] * (kh * kw)
+    sizes = [band.count(b) * slices for b in range(kh + kw - 1)]
+    merged, group, filled = [], 0, 0
+    for b, size in enumerate(sizes):
+        if filled >= min_latents:
+            group, filled = group + 1, 0
+        merged.append(group)
+        filled += size
+    if filled < min_latents and group > 0:  # too small a last group joins the one before
+        merged = [min(m, group - 1) for m in merged]
+    return [merged[b] for b in band]
+
+
+class DCTKind(DecoderKind):
+    """k x k conv kernels (O, I, kh, kw) stored as the orthonormal 2-D DCT of each kernel slice; one step and
+    one coding group per band of frequencies (``coef_group``: the group of each of the kh*kw coefficients)."""
+
+    name = "dct"
+    has_shift = False
+    layout_keys = ("coef_group",)
+
+    def __init__(self, shape: Sequence[int], coef_group: Sequence[int] | None = None):
+        self.coef_group = coef_group
+        super().__init__(shape)
+
+    @classmethod
+    def for_weight(cls, shape: Sequence[int], options: Mapping[str, Any]) -> "DCTKind":
+        o, i, kh, kw = shape
+        groups = dct_coef_groups(kh, kw, o * i, options.get("dct_grouping", "band"),
+                                 options.get("min_group_latents", 2048))
+        return cls(shape, groups)
+
+    def layout(self) -> dict[str, Any]:
+        return {"coef_group": list(self.coef_group)}
+
+    def check(self) -> None:
+        cg = self.coef_group
+        if len(self.shape) != 4:
+            raise EPRFormatError(f"a dct tensor must be 4-D, not of shape {list(self.shape)}")
+        if not (isinstance(cg, (list, tuple)) and len(cg) == self.shape[2] * self.shape[3]
+                and all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < len(cg) for g in cg)
+                and set(cg) == set(range(max(cg) + 1))):
+            raise EPRFormatError(f"bad coef_group {cg!r} for a dct tensor of shape {list(self.shape)}")
+        self.coef_group = [int(g) for g in cg]
+
+    def group_pattern(self) -> np.ndarray:
+        return np.asarray(self.coef_group, np.int64).reshape(self.shape[2:])
+
+    @property
+    def num_groups(self) -> int:
+        return max(self.coef_group) + 1
+
+    def split(self, q: np.ndarray) -> list[np.ndarray]:
+        o, i, kh, kw = self.shape
+        cg = np.asarray(self.coef_group)
+        flat = q.reshape(o * i, kh * kw)
+        return [flat[:, cg == g].reshape(-1) for g in range(self.num_groups)]
+
+    def join(self, groups: list[np.ndarray]) -> np.ndarray:
+        o, i, kh, kw = self.shape
+        cg = np.asarray(self.coef_group)
+        q = np.empty((o * i, kh * kw), np.float32)
+        for g, values in enumerate(groups):
+            cols = np.flatnonzero(cg == g)
+            q[:, cols] = values.reshape(o * i, len(cols))
+        return q.reshape(self.shape)
+
+    def _basis(self, like: torch.Tensor) -> torch.Tensor:
+        """kron(Dh, Dw) on ``like``'s device: [(u, v), (i, j)] = Dh[u, i] * Dw[v, j] (cached)."""
+        key = ("basis", str(like.device))
+        if key not in self._cache:
+            kh, kw = self.shape[2:]
+            self._cache[key] = torch.kron(dct_matrix(kh), dct_matrix(kw)).to(like.device)
+        return self._cache[key]
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Kernels from DCT coefficients: Dh.T @ x @ Dw per slice, as one matrix product with kron(Dh, Dw)."""
+        kh, kw = self.shape[2:]
+        return (x.reshape(*x.shape[:-2], kh * kw) @ self._basis(x)).view(x.shape)
+
+    def inverse_transform(self, w: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.shape[2:]
+        return dct_matrix(kh).to(w) @ w @ dct_matrix(kw).to(w).t()
+
+
+DECODER_KINDS: dict[str, type[DecoderKind]] = {}
+
+
+def register_decoder_kind(cls: type[DecoderKind]) -> type[DecoderKind]:
+    """Make a decoder kind known by its ``name`` (to training, validation and loading)."""
+    DECODER_KINDS[cls.name] = cls
+    return cls
+
+
+for _kind in (AffineKind, DCTKind):
+    register_decoder_kind(_kind)
+
+
+def decoder_for_entry(entry: Mapping[str, Any]) -> DecoderKind:
+    """The decoder of one of a file's tensor entries; EPRFormatError for an unknown kind or a bad layout."""
+    cls = DECODER_KINDS.get(entry.get("kind"))
+    if cls is None:
+        raise EPRFormatError(f"{entry.get('name')}: unknown kind {entry.get('kind')!r}; "
+                             f"this reader knows {sorted(DECODER_KINDS)} and 'raw'")
+    return cls.from_entry(entry)

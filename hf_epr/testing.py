@@ -1,0 +1,77 @@
+"""Small models and data for tests and benchmarks (as ``transformers.testing_utils``): tiny configs of several
+vision families, a few plain training steps of an EPRModel, and LeNet references trained on real MNIST."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (AutoModelForImageClassification, ConvNextConfig, MobileNetV2Config, RegNetConfig,
+                          ResNetConfig, SwinConfig, ViTConfig)
+
+from .data import TensorRows, load_mnist, mnist_pixel_values
+from .models import LeNetConfig, LeNetForImageClassification
+
+TINY_CONFIGS = {
+    "resnet": lambda: ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                   layer_type="basic", num_labels=4),
+    "convnext": lambda: ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4),
+    "vit": lambda: ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=32, num_labels=4),
+    "mobilenet_v2": lambda: MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.25, num_labels=4),
+    "swin": lambda: SwinConfig(image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1],
+                               num_heads=[1, 2], window_size=2, num_labels=4),
+    "regnet": lambda: RegNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                   groups_width=8, num_labels=4),
+}
+IMAGE_SIZE = {"vit": 16, "swin": 16}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialized image classifier of ``family`` (a key of ``TINY_CONFIGS``), in eval mode."""
+    torch.manual_seed(seed)
+    return AutoModelForImageClassification.from_config(TINY_CONFIGS[family]()).eval()
+
+
+def tiny_inputs(family: str, n: int = 8, seed: int = 1) -> torch.Tensor:
+    """Random pixel values that fit ``tiny_model(family)``."""
+    size = IMAGE_SIZE.get(family, 32)
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def train_a_few_steps(model, x: torch.Tensor, steps: int = 5, lam: float = 0.05) -> None:
+    """Adam on task loss + lam * bits / N with labels ``arange % 4`` (the EPRModel's own parameter groups)."""
+    model.train()
+    groups = model.parameter_groups()
+    opt = torch.optim.Adam([{"params": groups["latents"], "lr": 1e-3}, {"params": groups["decoders"], "lr": 1e-2},
+                            {"params": groups["density"], "lr": 1e-2}, {"params": groups["raw"], "lr": 1e-3}])
+    labels = torch.arange(len(x)) % 4
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(pixel_values=x, labels=labels).loss + lam * model.bits() / model.num_compressed_parameters
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def mnist_subset(n: int, split: str = "train", with_labels: bool = True) -> TensorRows:
+    """The first ``n`` MNIST images of ``split`` as in-memory rows (pixel_values, labels)."""
+    x, y = load_mnist(split)
+    data = {"pixel_values": mnist_pixel_values(x[:n])}
+    if with_labels:
+        data["labels"] = torch.from_numpy(y[:n])
+    return TensorRows(data)
+
+
+def mnist_reference(variant: str = "lenet300-100", steps: int = 150) -> LeNetForImageClassification:
+    """A LeNet trained for ``steps`` Adam steps (batch 64, seeded) on the MNIST training images, in eval mode."""
+    torch.manual_seed(0)
+    model = LeNetForImageClassification(LeNetConfig(variant=variant))
+    x, y = load_mnist("train")
+    xs, ys = mnist_pixel_values(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(xs), (64,), generator=g)
+        opt.zero_grad()
+        model(pixel_values=xs[idx], labels=ys[idx]).loss.backward()
+        opt.step()
+    return model.eval()
