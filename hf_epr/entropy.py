@@ -1,15 +1,21 @@
-"""Learned factorized density over integer latents (Ballé et al. 2018), its bit cost and its tables."""
+"""Learned factorized density over integer latents (Ballé et al. 2018) and the bit cost of the latents under it."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .format.decoders import DecoderKind
+from .format.errors import EPRError
+
 
 LN2 = math.log(2.0)
+MAX_CELLS = 1024  # cells per channel of the rate's grid, above which its resolution is lowered
 
 
 def _pass_through_max(x: torch.Tensor, bound: float) -> torch.Tensor:
@@ -77,105 +83,158 @@ class FactorizedDensity(nn.Module):
         return -self.log_prob_between(y - 0.5, y + 0.5, channel) / LN2
 
 
-def _channel_bins(u: torch.Tensor, channel: torch.Tensor, n_ch: int, max_bins: int,
-                  bounds: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per channel: lowest rounded value ``lo``, bin width ``step`` (1 unless the channel spans > max_bins
-    values), and the common number of bins ``m`` (with a spare bin each side). ``bounds``: the rounded
-    values' (min, max) per channel, when the caller has them (then ``u`` is not scanned)."""
-    if bounds is None:
-        r = torch.round(u.detach()).long()
-        empty = torch.zeros(n_ch, dtype=torch.long, device=r.device)
-        lo = empty.scatter_reduce(0, channel, r, "amin", include_self=False)
-        hi = empty.scatter_reduce(0, channel, r, "amax", include_self=False)
-    else:
-        lo, hi = bounds
-    step = torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")  # ceil(width / max_bins)
-    m = int(torch.div(hi - lo, step, rounding_mode="floor").max()) + 3
-    return lo, step, m
+class LatentTensor(NamedTuple):
+    """One compressed tensor as the rate sees it: its latent (weight units), decoder kind, and per-group log step
+    sizes and shifts (None for kinds without shifts). Its groups are consecutive density channels."""
+
+    z: torch.Tensor
+    kind: DecoderKind
+    log_step: torch.Tensor
+    shift: torch.Tensor | None
 
 
-def _bin_bits(density: FactorizedDensity, centers: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Bits of one integer at each center (C, M): -log2 P(center +- step/2) + log2 step."""
-    half = (step.to(centers.dtype) / 2).unsqueeze(1)
-    return -density.log_prob_between(centers - half, centers + half) / LN2 + torch.log2(2 * half)
+@dataclass
+class LatentHistogram:
+    """Where every latent falls on a per-channel grid of cells in integer units (``units = (z - shift) / step``).
 
-
-def rate_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor, max_bins: int = 512,
-              bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Bits of round(u) under ``density``, with a straight-through gradient to u (central difference).
-
-    ``u`` is a flat tensor of relaxed latents (integer units), ``channel`` the density channel of each.
-    Latents are histogrammed per channel and the density is evaluated once per histogram bin, so the
-    cost is O(latents) plus O(channels x max_bins). A channel whose values span more than ``max_bins``
-    integers uses bins of s integers, each integer priced at P(bin) / s; narrower channels are exact.
-    ``bounds`` = (min, max) of round(u) per channel, when the caller has them cheaper than a scatter.
+    Channel c's bins hold ``width[c]`` integers each (1 unless the channel spans more than ``max_bins`` values), and
+    each bin is cut into ``resolution`` cells; cell k covers ``origin[c] + [k, k + 1) * width[c] / resolution``.
     """
-    r = torch.round(u.detach()).long()
-    n_ch = density.channels
-    lo, step, m = _channel_bins(u, channel, n_ch, max_bins, bounds)
-    # bin j of channel c covers [lo + (j-1) * step, lo + j * step - 1]
-    bins = torch.arange(m, device=lo.device).unsqueeze(0)
-    centers = (lo - step).unsqueeze(1) + bins * step.unsqueeze(1) + (step.unsqueeze(1) - 1) / 2
-    f = _bin_bits(density, centers.to(u.dtype), step)
-    idx = channel * m + torch.div(r - lo[channel], step[channel], rounding_mode="floor") + 1
-    counts = torch.bincount(idx, minlength=n_ch * m).view(n_ch, m).to(f.dtype)
-    slope = torch.zeros_like(f)
-    slope[:, 1:-1] = (f[:, 2:] - f[:, :-2]).detach() / (2 * step.unsqueeze(1))
-    return (counts * f).sum() + ((u - u.detach()) * slope.view(-1)[idx]).sum()
+
+    counts: torch.Tensor  # (C, K) latents per cell
+    index: torch.Tensor  # (N,) int32: the flat cell (c * K + k) of every latent, in tensor order
+    origin: torch.Tensor  # (C,) float64
+    width: torch.Tensor  # (C,) float64
+    step: torch.Tensor  # (C,) float64, the step sizes the grid was built with
+    resolution: int
+    unit_bins: bool  # every channel has bins of one integer
+
+    @property
+    def cells(self) -> int:
+        return self.counts.shape[1]
+
+    def centers(self) -> torch.Tensor:
+        """(C, K) float32: each cell's center in integer units."""
+        k = torch.arange(self.cells, dtype=torch.float64, device=self.origin.device) + 0.5
+        return (self.origin[:, None] + k[None, :] * (self.width / self.resolution)[:, None]).float()
 
 
-def noise_bits(density: FactorizedDensity, u: torch.Tensor, channel: torch.Tensor, max_bins: int = 512,
-               bounds: tuple[torch.Tensor, torch.Tensor] | None = None, resolution: int = 4) -> torch.Tensor:
-    """Bits of u + U(-1/2, 1/2) under ``density`` (the uniform-noise relaxation of Ballé et al.).
+@torch.no_grad()
+def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_bins: int = 512) -> LatentHistogram:
+    """Histogram every latent on its channel's grid: one pass over each tensor for its bounds, one or two to place
+    it, one conversion and one ``bincount`` over all latents. The grid spans each channel's rounded values with a
+    spare bin on each side, so every latent lands inside its own channel. ``resolution`` (1, 2 or 4 cells per bin)
+    is halved while the grid would exceed ``MAX_CELLS`` cells per channel: channels that wide are smooth at the
+    scale of one integer."""
+    log_step = torch.cat([t.log_step.detach() for t in tensors]).double()
+    shift = torch.cat([t.shift.detach() if t.shift is not None else torch.zeros_like(t.log_step) for t in tensors])
+    step, shift = log_step.exp(), shift.double()
+    requested = resolution
+    bounds = [t.kind.group_bounds(t.z.detach()) for t in tensors]
+    lo = torch.round((torch.cat([b[0] for b in bounds]).double() - shift) / step)
+    hi = torch.round((torch.cat([b[1] for b in bounds]).double() - shift) / step)
+    width = torch.floor((hi - lo + max_bins) / max_bins)  # ceil((hi - lo + 1) / max_bins) integers per bin
+    channels = lo.numel()
+    origin = lo - width - 0.5  # cell 0 starts half an integer below the spare bin
+    scale = resolution / (width * step)  # cells per weight unit
+    offset = (-shift / step - origin) * resolution / width  # the cell of z = 0, before the channel's offset
+    # one host sync for the grid's size, and the scalars of one-group tensors (multiplied by Python floats)
+    host = torch.cat([torch.stack([torch.floor((hi - lo) / width).max(), (width > 1).any().double()]), scale, offset])
+    host = host.tolist()
+    if not all(math.isfinite(v) for v in host):
+        raise EPRError("the latents or step sizes are not finite: training diverged (lower the learning rates or "
+                       "rate_lambda, or resume from an earlier checkpoint)")
+    bins = int(host[0]) + 3  # the widest channel's bins plus a spare bin each side
+    while resolution > 1 and bins * resolution > MAX_CELLS:  # wide channels are smooth at the integer scale
+        resolution //= 2
+    cells = bins * resolution
+    scale, offset = scale * resolution / requested, offset * resolution / requested
+    host_scale = [v * resolution / requested for v in host[2: 2 + channels]]
+    host_offset = [v * resolution / requested for v in host[2 + channels:]]
+    position = torch.empty(sum(t.z.numel() for t in tensors), dtype=torch.float32, device=lo.device)
+    start = first = 0
+    for t in tensors:
+        g, n = t.kind.num_groups, t.z.numel()
+        out, z = position[start: start + n].view(t.z.shape), t.z.detach().float()
+        if g == 1:
+            torch.mul(z, host_scale[first], out=out).add_(host_offset[first] + first * cells)
+        else:
+            channel_start = torch.arange(first, first + g, device=lo.device, dtype=torch.float64) * cells
+            b = (offset[first: first + g] + channel_start).float()
+            torch.addcmul(t.kind.group_view(b), z, t.kind.group_view(scale[first: first + g].float()), out=out)
+        start, first = start + n, first + g
+    index = position.to(torch.int32)  # in range: the grid spans every channel's values
+    counts = torch.bincount(index, minlength=channels * cells).view(channels, cells)
+    return LatentHistogram(counts, index, origin, width, step, resolution, unit_bins=not host[1])
 
-    The per-value bits are tabulated per channel on a grid ``resolution`` times finer than the bins of
-    ``rate_bits`` and interpolated linearly, so the cost stays O(latents) + O(channels x bins x resolution).
-    """
-    n_ch = density.channels
-    lo, step, m = _channel_bins(u, channel, n_ch, max_bins, bounds)
-    h = step.to(u.dtype) / resolution  # grid spacing per channel
-    points = (m + 1) * resolution
-    origin = (lo - step).to(u.dtype) - 1  # below every noisy value
-    uniform = bool((step == step[0]).all())  # the usual case: every channel on the same grid spacing
-    if uniform and int(step[0]) == 1:  # cells [t - 1/2, t + 1/2] share edges: one CDF evaluation per edge
-        edges = (origin - 0.5).unsqueeze(1) + torch.arange(points + resolution, dtype=u.dtype,
-                                                            device=u.device).unsqueeze(0) / resolution
+
+def cell_bits(density: FactorizedDensity, hist: LatentHistogram, smooth: bool = False) -> torch.Tensor:
+    """(C, K) bits per latent in each cell, differentiable in the density: ``-log2 P(bin) + log2 width`` of a
+    bin-wide window at the cell's center; with ``smooth``, averaged over a unit window around the center (the
+    expected bits under the uniform-noise relaxation u + U(-1/2, 1/2)) in channels of unit bins."""
+    r, k = hist.resolution, hist.cells
+    if hist.unit_bins:  # windows [center - 1/2, center + 1/2] share their edges: one CDF evaluation per edge
+        j = torch.arange(k + r, dtype=torch.float64, device=hist.origin.device) + 0.5
+        edges = (hist.origin[:, None] - 0.5 + j[None, :] / r).float()
         c = density.cdf_logits(edges)
-        f = -density.log_prob_from_logits(c[:, :points], c[:, resolution:]).reshape(-1) / LN2
-    else:  # bits of an integer-wide cell at each grid point t
-        grid = origin.unsqueeze(1) + torch.arange(points, dtype=u.dtype, device=u.device).unsqueeze(0) * h.unsqueeze(1)
-        f = _bin_bits(density, grid, torch.ones_like(step)).reshape(-1)
-    # position of each noisy value on its channel's grid: t = k + w, k integer, 0 <= w < 1
-    inv_h = (1 / h[0]) if uniform else (1 / h)[channel]
-    y = u.detach() + torch.empty_like(u).uniform_(-0.5, 0.5)
-    pos = (y - origin[channel]).mul_(inv_h).clamp_(0, points - 1.001)
-    k = pos.floor()
-    w = pos.sub_(k)
-    base = k.long().add_(channel * points)
-    # value: sum_i f[base_i] (1 - w_i) + f[base_i + 1] w_i, with the weight of every grid point gathered by
-    # bincount (deterministic, unlike indexing's backward on CPU): counts - s + s shifted by one point
-    s = torch.bincount(base, w, minlength=f.numel())
-    weight = torch.bincount(base, minlength=f.numel()).to(s.dtype) - s
-    weight[1:] += s[:-1]
-    # gradient to u: the slope of the interpolation (per grid unit, times grid points per latent unit)
-    df = (f[1:] - f[:-1]).detach()
-    return (f * weight.to(f.dtype)).sum() + _with_gradient(u, df[base].mul_(inv_h))
+        bits = -density.log_prob_from_logits(c[:, :k], c[:, r: r + k]) / LN2
+    else:
+        half = (hist.width / 2)[:, None].float()
+        centers = hist.centers()
+        bits = -density.log_prob_between(centers - half, centers + half) / LN2 + torch.log2(2 * half)
+    if not smooth or r == 1:  # one cell per integer: the unit window's average is its center's value
+        return bits
+    # trapezoid average over the r + 1 cells whose centers span one integer: (b[-r/2]/2 + b[1-r/2] + ... + b[r/2]/2) / r
+    half = r // 2
+    padded = F.pad(bits, (half, half))
+    smoothed = (padded[:, :k] + padded[:, r: r + k]) * 0.5
+    for j in range(1, r):
+        smoothed = smoothed + padded[:, j: j + k]
+    smoothed = smoothed / r
+    return smoothed if hist.unit_bins else torch.where((hist.width == 1)[:, None], smoothed, bits)
 
 
-class _WithGradient(torch.autograd.Function):
-    """Zero in value; d/du = ``grad`` (a precomputed, detached per-element gradient)."""
+def grid_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], resolution: int = 1, smooth: bool = False,
+              max_bins: int = 512) -> torch.Tensor:
+    """Bits of all latents under ``density`` (a 0-dim tensor), from their histogram on a grid of cells.
+
+    ``resolution=1, smooth=False``: the exact bits of the rounded latents. ``resolution=4, smooth=True``: the
+    expected bits under the uniform-noise relaxation. Gradients: to the density through the cell values; to each
+    latent the slope of the cell values at its cell (a gather); to the step sizes and shifts the same slopes summed
+    over each channel's histogram. No pass over the latents beyond those of :func:`latent_histogram` and one gather
+    in the backward.
+    """
+    hist = latent_histogram(tensors, resolution, max_bins)
+    values = cell_bits(density, hist, smooth)
+    total = (hist.counts.to(values.dtype) * values).sum()
+    with torch.no_grad():
+        h = (hist.width / hist.resolution).float()[:, None]  # cell width in integer units
+        slope = torch.zeros_like(values)
+        slope[:, 1:-1] = (values[:, 2:] - values[:, :-2]) / (2 * h)  # bits per integer unit
+        weighted = hist.counts.to(slope.dtype) * slope
+        grad_log_step = -(weighted * hist.centers()).sum(1)  # d units / d log_step = -units
+        grad_shift = -weighted.sum(1) / hist.step.float()  # d units / d shift = -1 / step
+        per_latent = (slope / hist.step.float()[:, None]).reshape(-1)  # bits per weight unit
+    log_step = torch.cat([t.log_step for t in tensors])
+    total = total + (grad_log_step * (log_step - log_step.detach())).sum()
+    for t, g in zip(tensors, grad_shift.split([t.kind.num_groups for t in tensors])):
+        if t.shift is not None:
+            total = total + (g * (t.shift - t.shift.detach())).sum()
+    return total + _CellGradient.apply(hist.index, per_latent, *[t.z for t in tensors])
+
+
+class _CellGradient(torch.autograd.Function):
+    """Zero in value; the gradient to each latent is the slope table at its cell (one gather for all latents)."""
 
     @staticmethod
-    def forward(ctx, u: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(grad)
-        return u.new_zeros(())
+    def forward(ctx, index: torch.Tensor, slope: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index, slope)
+        ctx.shapes = [z.shape for z in zs]
+        return slope.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output, None
-
-
-def _with_gradient(u: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """A 0-dim zero whose gradient to ``u`` is ``grad`` (instead of sum((u - u.detach()) * grad))."""
-    return _WithGradient.apply(u, grad)
+        index, slope = ctx.saved_tensors
+        grad = (slope * grad_output).index_select(0, index)
+        parts = grad.split([math.prod(s) for s in ctx.shapes])
+        return (None, None, *[p.view(s) for p, s in zip(parts, ctx.shapes)])

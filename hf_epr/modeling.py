@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from .config import EPRConfig, EPRConfigError
-from .entropy import FactorizedDensity, noise_bits, rate_bits
+from .entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram
 from .format.coders import histogram_table
 from .format.configuration_epr import CONFIG_MODEL_TYPE, HUB_KWARGS, EPRCompressedConfig
 from .format.container import WEIGHTS_NAME, CodedGroup, Container, atomic_write, decode_latents, read_container
@@ -46,10 +46,6 @@ class EPRModel(PreTrainedModel):
         spreads = [self._spread(e) for e in self.entries]
         self.density = FactorizedDensity(sum(len(s) for s in spreads), torch.cat(spreads) if spreads else None,
                                          self.epr_config.density_filters)
-        offsets = np.cumsum([0] + [len(s) for s in spreads])[:-1].tolist()
-        channel = [self._local_channels(e) + o for e, o in zip(self.entries, offsets)]
-        self.register_buffer("_latent_channel", torch.cat(channel) if channel else torch.zeros(0, dtype=torch.long),
-                             persistent=False)
         self.main_input_name = getattr(self.model, "main_input_name", "pixel_values")
         self.post_init()
 
@@ -92,35 +88,27 @@ class EPRModel(PreTrainedModel):
             outputs = self.model(*args, **kwargs)
         return (outputs, self.bits()) if return_bits else outputs
 
-    def _relaxed_latents(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """All latents in integer units, flat, in entry order (channels in ``_latent_channel``), and the
-        min and max of their rounded values per channel."""
-        flat, lows, highs = [], [], []
-        for e in self.entries:
-            u = e.decoder.units(e.latent)
-            r = u.detach()  # min/max before rounding: rounding is monotonic, so round(min) = min(round)
-            lo, hi = e.kind.reduce_to_groups(r, "amin").round(), e.kind.reduce_to_groups(r, "amax").round()
-            flat.append(u.reshape(-1))
-            lows.append(lo)
-            highs.append(hi)
-        return torch.cat(flat), (torch.cat(lows).long(), torch.cat(highs).long())
+    def latent_tensors(self) -> list[LatentTensor]:
+        """Every compressed tensor as the rate sees it (latent, decoder kind, log steps, shifts)."""
+        return [LatentTensor(e.latent, e.kind, *e.kind.params_split(e.decoder.params)) for e in self.entries]
 
     def bits(self) -> torch.Tensor:
-        """Differentiable estimate of the coded size of all latents, in bits (a 0-dim tensor)."""
+        """Differentiable estimate of the coded size of all latents, in bits (a 0-dim float32 tensor): in training
+        with ``rate_relaxation="noise"`` the expected bits of the latents plus uniform noise, otherwise the bits of
+        the rounded latents (straight-through slope). Always computed in float32, also under autocast."""
         if not self.entries:
             return torch.zeros((), device=self.device)
-        u, bounds = self._relaxed_latents()
-        if self.epr_config.rate_relaxation == "noise" and self.training:
-            return noise_bits(self.density, u, self._latent_channel, bounds=bounds)
-        return rate_bits(self.density, u, self._latent_channel, bounds=bounds)
+        noise = self.training and self.epr_config.rate_relaxation == "noise"
+        with torch.autocast(self.device.type, enabled=False):
+            return grid_rate(self.density, self.latent_tensors(), resolution=4 if noise else 1, smooth=noise)
 
     @torch.no_grad()
     def exact_bits(self) -> float:
         """Bits of the current rounded latents under the density (no relaxation, no gradient)."""
         if not self.entries:
             return 0.0
-        u, bounds = self._relaxed_latents()
-        return float(rate_bits(self.density, u, self._latent_channel, bounds=bounds))
+        hist = latent_histogram(self.latent_tensors())
+        return float((hist.counts.float() * cell_bits(self.density, hist)).sum())
 
     @property
     def num_compressed_parameters(self) -> int:
@@ -128,20 +116,19 @@ class EPRModel(PreTrainedModel):
         return sum(e.latent.numel() for e in self.entries)
 
     def fit_density(self, steps: int | None = None, lr: float = 0.02) -> None:
-        """Fit the density to the current integer latents (latents unchanged)."""
+        """Fit the density to the current integer latents (latents unchanged): Adam on the bits of their histogram,
+        which is computed once."""
         steps = self.epr_config.density_init_steps if steps is None else steps
-        if not self.entries:
+        if not self.entries or not steps:
             return
-        with torch.no_grad():
-            u, bounds = self._relaxed_latents()
+        hist = latent_histogram(self.latent_tensors())
+        counts = hist.counts.float() / max(1, self.num_compressed_parameters)
         opt = torch.optim.Adam(self.density.parameters(), lr=lr)
-        n = max(1, self.num_compressed_parameters)
-        for _ in range(steps):
-            opt.zero_grad()
-            with torch.enable_grad():
-                loss = rate_bits(self.density, u, self._latent_channel, bounds=bounds) / n
-                loss.backward()
-            opt.step()
+        with torch.enable_grad():
+            for _ in range(steps):
+                opt.zero_grad()
+                (counts * cell_bits(self.density, hist)).sum().backward()
+                opt.step()
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by role: ``latents``, ``decoders``, ``density`` and ``raw`` (everything else)."""

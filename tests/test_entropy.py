@@ -1,51 +1,84 @@
-"""The learned density and the rate terms: exact bits, the noise relaxation and their gradients."""
+"""The learned density and the rate: exact bits of the rounded latents, the noise relaxation, and their gradients."""
 
 import pytest
 import torch
 
 from hf_epr import EPRConfig, EPRModel
-from hf_epr.entropy import FactorizedDensity, noise_bits, rate_bits
+from hf_epr.entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram
+from hf_epr.format.decoders import AffineKind, DCTKind
 from hf_epr.testing import tiny_model
 
 
-def test_rate_bounds_shortcut_matches_scatter_and_coded_size():
-    model = EPRModel.from_base(tiny_model("convnext"), EPRConfig(init_step_ratio=0.05))
-    model.fit_density(200)
-    u, bounds = model._relaxed_latents()
-    fast = rate_bits(model.density, u, model._latent_channel, bounds=bounds)
-    slow = rate_bits(model.density, u, model._latent_channel)
-    assert torch.allclose(fast, slow)
-    # after fitting, the density's estimate is close to the real coded latents (histogram tables)
+def brute_force_bits(model: EPRModel) -> float:
+    """-sum log2 P(round(u)) with one density call per latent (what the histogram must equal)."""
+    total, channel = 0.0, 0
+    for t in model.latent_tensors():
+        u = t.kind.units(t.z.detach(), torch.cat([t.log_step, t.shift]) if t.shift is not None else t.log_step)
+        groups = t.kind.group_index().view(u.shape)
+        for g in range(t.kind.num_groups):
+            values = torch.round(u[groups == g]).view(1, -1)
+            index = torch.full((1,), channel + g, dtype=torch.long)
+            total += float(model.density.neg_log2_pmf(values, index).sum().detach())
+        channel += t.kind.num_groups
+    return total
+
+
+@pytest.mark.parametrize("family", ["convnext", "resnet"])
+def test_exact_bits_equal_one_density_call_per_latent(family):
+    model = EPRModel.from_base(tiny_model(family), EPRConfig(init_step_ratio=0.05))
+    model.fit_density(50)
+    exact = grid_rate(model.density, model.latent_tensors())
+    assert float(exact.detach()) == pytest.approx(brute_force_bits(model), rel=1e-4)
+    assert model.exact_bits() == pytest.approx(float(exact.detach()), rel=1e-6)
+    # after fitting, the estimate is close to the real coded latents (the file's histogram tables)
     c = model.to_container()
-    assert 0.9 < float(fast.detach()) / sum(g.ideal_bits(c.precision) for g in c.groups) < 1.25
+    assert 0.9 < model.exact_bits() / sum(g.ideal_bits(c.precision) for g in c.groups) < 1.25
 
 
-def test_noise_relaxation_tracks_exact_bits():
+def test_noise_relaxation_tracks_exact_bits_and_reaches_every_parameter():
     model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(init_step_ratio=0.1))
     model.fit_density(200)
-    u, bounds = model._relaxed_latents()
-    exact = float(rate_bits(model.density, u, model._latent_channel, bounds=bounds).detach())
-    torch.manual_seed(0)
-    noisy = noise_bits(model.density, u, model._latent_channel, bounds=bounds)
+    noisy = grid_rate(model.density, model.latent_tensors(), resolution=4, smooth=True)
     noisy.backward()
-    assert 0.8 < float(noisy.detach()) / exact < 1.3
-    assert all(p.grad is not None for p in model.parameter_groups()["latents"])
+    assert 0.8 < float(noisy.detach()) / model.exact_bits() < 1.3
+    groups = model.parameter_groups()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["latents"] + groups["decoders"])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["density"])
 
 
-@pytest.mark.parametrize("scale,min_corr", [(3.0, 0.99), (900.0, 0.85)])  # unit bins (shared edges); wide bins
-def test_noise_bits_interpolates_the_exact_noisy_bits(scale, min_corr):
-    """The tabulated, interpolated rate equals -log2 P(cell) at the noisy values, and its gradient is the slope."""
+@pytest.mark.parametrize("scale,kind", [(3.0, "affine"), (900.0, "affine"), (3.0, "dct")])  # unit bins, wide bins
+def test_relaxed_rate_and_gradients_match_the_expectation_over_noise(scale, kind):
+    """Value and gradients (latents, log step, shift) against a Monte-Carlo expectation of -log2 p(u + noise)
+    computed with one density call per sample."""
     torch.manual_seed(0)
-    density = FactorizedDensity(1, init_scales=torch.tensor([scale]))
-    u = (torch.randn(4000) * scale / 3).requires_grad_()
-    channel = torch.zeros(4000, dtype=torch.long)
-    torch.manual_seed(1)
-    fast = noise_bits(density, u, channel)
+    density = FactorizedDensity(1 if kind == "affine" else 2, init_scales=torch.full((2,), scale)[:1 + (kind == "dct")])
+    shape = (3000,) if kind == "affine" else (60, 10, 3, 3)
+    spec = AffineKind(shape) if kind == "affine" else DCTKind(shape, coef_group=[0, 1, 1, 1, 1, 1, 1, 1, 1])
+    z = (torch.randn(shape) * scale / 3 * 0.01 + 0.002).requires_grad_()
+    params = torch.tensor([-4.6052, 0.002] if kind == "affine" else [-4.6052, -4.0]).requires_grad_()
+    log_step, shift = spec.params_split(params)
+    fast = grid_rate(density, [LatentTensor(z, spec, log_step, shift)], resolution=4, smooth=True)
     fast.backward()
-    torch.manual_seed(1)
-    v = u.detach().clone().requires_grad_()
-    y = v + torch.empty_like(v).uniform_(-0.5, 0.5)  # the same noise draw as inside noise_bits
-    exact = density.neg_log2_pmf(y.view(1, -1)).sum()
-    exact.backward()
-    assert float(fast.detach()) == pytest.approx(float(exact.detach()), rel=2e-3)
-    assert torch.corrcoef(torch.stack([u.grad, v.grad]))[0, 1] > min_corr  # piecewise-linear vs exact slope
+    fast_grads = (z.grad.clone(), params.grad.clone())
+    z.grad, params.grad = None, None
+    samples, total = 64, 0.0
+    groups = spec.group_index().view(shape)
+    for i in range(samples):
+        u = spec.units(z, params) + torch.rand(shape, generator=torch.Generator().manual_seed(i)) - 0.5
+        for g in range(spec.num_groups):
+            total = total + density.neg_log2_pmf(u[groups == g].view(1, -1), torch.tensor([g])).sum() / samples
+    total.backward()
+    assert float(fast.detach()) == pytest.approx(float(total.detach()), rel=5e-3)
+    assert torch.corrcoef(torch.stack([fast_grads[0].reshape(-1), z.grad.reshape(-1)]))[0, 1] > 0.97
+    assert torch.allclose(fast_grads[1], params.grad, rtol=0.05, atol=0.05 * float(params.grad.abs().max()))
+
+
+def test_histogram_places_every_latent_in_its_channel():
+    model = EPRModel.from_base(tiny_model("convnext"), EPRConfig(init_step_ratio=0.05))
+    hist = latent_histogram(model.latent_tensors(), resolution=4)
+    assert int(hist.counts.sum()) == model.num_compressed_parameters
+    per_channel = hist.counts.sum(1).tolist()
+    expected = [n for t in model.latent_tensors() for n in t.kind.group_sizes()]
+    assert per_channel == expected
+    assert (hist.counts[:, :4] == 0).all() and (hist.counts[:, -4:] == 0).all()  # spare bins stay empty
+    assert cell_bits(model.density, hist, smooth=True).shape == hist.counts.shape

@@ -211,10 +211,35 @@ class DecoderKind:
         dims = [d for d in range(x.ndim) if d < lead or (p.shape[d - lead] == 1 and x.shape[d] != 1)]
         r = getattr(torch, op)(x, dim=tuple(dims), keepdim=True) if dims else x
         r, ids = r.reshape(-1), p.expand(r.shape[lead:]).reshape(-1)
-        if ids.numel() == self.num_groups and bool((ids == torch.arange(ids.numel(), device=x.device)).all()):
+        if self._one_group_per_pattern_entry and ids.numel() == self.num_groups:
             return r
         out = r.new_zeros(self.num_groups)
         return out.scatter_reduce(0, ids, r, op, include_self=False)
+
+    @property
+    def _one_group_per_pattern_entry(self) -> bool:
+        """True when the pattern lists the groups 0..G-1 once each, in order (no scatter needed)."""
+        if "identity" not in self._cache:
+            p = self.group_pattern().reshape(-1)
+            self._cache["identity"] = bool(np.array_equal(p, np.arange(p.size)))
+        return self._cache["identity"]
+
+    def group_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) of a tensor-shaped ``x`` over each group's elements, each of shape (G,): one pass when there
+        is one group or the group pattern spans trailing dimensions only (affine, dct), two otherwise."""
+        p = self.pattern(x.device)
+        lead = x.ndim - p.ndim
+        if self.num_groups == 1:
+            lo, hi = x.aminmax()
+            return lo.reshape(1), hi.reshape(1)
+        if p.ndim and all(x.shape[lead + i] == s for i, s in enumerate(p.shape)):
+            lo, hi = x.reshape(-1, p.numel()).aminmax(dim=0)
+            if self._one_group_per_pattern_entry:
+                return lo, hi
+            ids = p.reshape(-1)
+            return (lo.new_full((self.num_groups,), float("inf")).scatter_reduce(0, ids, lo, "amin"),
+                    hi.new_full((self.num_groups,), float("-inf")).scatter_reduce(0, ids, hi, "amax"))
+        return self.reduce_to_groups(x, "amin"), self.reduce_to_groups(x, "amax")
 
     def initial_params(self, w: torch.Tensor, step_ratio: float) -> torch.Tensor:
         """Starting parameters for the weight ``w``: a step of ``step_ratio`` times its spread, its mean as shift."""
