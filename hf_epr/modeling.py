@@ -73,11 +73,15 @@ class EPRModel(PreTrainedModel):
         return entry.kind.group_index(entry.latent.device)
 
     def _spread(self, entry: CompressedTensor) -> torch.Tensor:
-        """Initial scale of each group's density: 3 standard deviations of its latents."""
+        """Initial scale of each group's density: 3 standard deviations of its latents; a group whose latents all
+        round to about one value (a constant tensor) gets the scale of a tensor of the model's typical spread,
+        ``3 / init_step_ratio``, since training spreads it as much as any other."""
         with torch.no_grad():
             flat = entry.decoder.units(entry.latent).reshape(-1)
             ch = self._local_channels(entry)
-            return torch.stack([3 * flat[ch == c].std() for c in range(entry.kind.num_groups)])
+            std = torch.stack([flat[ch == c].std() if (ch == c).sum() > 1 else flat.new_zeros(())
+                               for c in range(entry.kind.num_groups)])
+            return torch.where(std > 0.5, 3 * std, torch.full_like(std, 3 / self.epr_config.init_step_ratio))
 
     # ------------------------------------------------------------------ forward and rate
     def forward(self, *args: Any, return_bits: bool = False, **kwargs: Any):
@@ -113,7 +117,9 @@ class EPRModel(PreTrainedModel):
     @property
     def num_compressed_parameters(self) -> int:
         """Number of latents (the normalizer N of the rate term)."""
-        return sum(e.latent.numel() for e in self.entries)
+        if "_num_latents" not in self.__dict__:
+            self.__dict__["_num_latents"] = sum(e.latent.numel() for e in self.entries)
+        return self.__dict__["_num_latents"]
 
     def fit_density(self, steps: int | None = None, lr: float = 0.02) -> None:
         """Fit the density to the current integer latents (latents unchanged): Adam on the bits of their histogram,

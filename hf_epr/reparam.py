@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import EPRConfig
-from .format.decoders import DECODER_KINDS, DecoderKind
+from .format.decoders import DECODER_KINDS, DecoderKind, weight_spread
 
 
 class LatentDecoder(nn.Module):
@@ -64,14 +65,25 @@ class CompressedTensor:
         return self.decoder.kind
 
 
-def choose_decoder(p: torch.Tensor, config: EPRConfig) -> LatentDecoder | None:
+def is_compressed(p: torch.Tensor, config: EPRConfig) -> bool:
+    """Large, floating and trainable tensors are compressed; the others stay raw."""
+    return p.is_floating_point() and p.requires_grad and p.numel() >= config.raw_threshold
+
+
+def choose_decoder(p: torch.Tensor, config: EPRConfig, default_spread: float = 1e-2) -> LatentDecoder | None:
     """``config.conv_decoder`` for k x k kernels (k > 1), ``config.dense_decoder`` for other tensors, None (raw)
-    for small, integer or frozen ones."""
-    if not p.is_floating_point() or not p.requires_grad or p.numel() < config.raw_threshold:
+    for small, integer or frozen ones. Constant tensors start with a step from ``default_spread``."""
+    if not is_compressed(p, config):
         return None
     name = config.conv_decoder if p.ndim == 4 and p.shape[-1] * p.shape[-2] > 1 else config.dense_decoder
     kind = DECODER_KINDS[name].for_weight(tuple(p.shape), config.to_dict())
-    return LatentDecoder(kind, kind.initial_params(p, config.init_step_ratio).to(p.device))
+    return LatentDecoder(kind, kind.initial_params(p, config.init_step_ratio, default_spread).to(p.device))
+
+
+def typical_spread(model: nn.Module, config: EPRConfig) -> float:
+    """The median spread of the model's compressed, non-constant tensors (1e-2 if there are none)."""
+    spreads = [s for p in model.parameters() if is_compressed(p, config) and (s := weight_spread(p)) is not None]
+    return float(np.median(spreads)) if spreads else 1e-2
 
 
 def attach(model: nn.Module, config: EPRConfig) -> list[CompressedTensor]:
@@ -79,9 +91,9 @@ def attach(model: nn.Module, config: EPRConfig) -> list[CompressedTensor]:
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
-    compressed = []
+    compressed, default_spread = [], typical_spread(model, config)
     for name, p in list(model.named_parameters()):
-        decoder = choose_decoder(p, config)
+        decoder = choose_decoder(p, config, default_spread)
         if decoder is None:
             continue
         module_name, _, attr = name.rpartition(".")

@@ -62,6 +62,15 @@ class EPRTrainingArguments(TrainingArguments):
             raise EPRTrainingError("kd_temperature must be > 0 and softadapt_interval >= 1")
 
 
+def _floats(values: list[Any]) -> list[float]:
+    """Python floats of a list of floats and 0-dim tensors, with one device sync for all the tensors."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    host = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist())
+    return [next(host) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
 class SoftAdapt:
     """Loss-weighted SoftAdapt (Heydari et al. 2019) over the non-rate loss terms.
 
@@ -78,18 +87,20 @@ class SoftAdapt:
         self.names, self.beta, self.interval = names, beta, interval
         self.reduce = reduce or (lambda values: values)
         self.weights = {n: 1.0 for n in names}
-        self.sums = {n: 0.0 for n in names}
+        self.sums: dict[str, Any] = {n: 0.0 for n in names}
         self.count = 0
         self.previous: dict[str, float] | None = None
 
-    def update(self, values: dict[str, float]) -> None:
-        """Add one step's term values; recompute the weights at the end of each interval."""
+    def update(self, values: dict[str, Any]) -> None:
+        """Add one step's term values (floats or 0-dim tensors, summed where they are: no device sync); recompute
+        the weights at the end of each interval (one sync)."""
         for n in self.names:
-            self.sums[n] += values[n]
+            self.sums[n] = self.sums[n] + values[n]
         self.count += 1
         if self.count < self.interval:
             return
-        means = dict(zip(self.names, self.reduce([self.sums[n] / self.count for n in self.names])))
+        local = [v / self.count for v in _floats([self.sums[n] for n in self.names])]
+        means = dict(zip(self.names, self.reduce(local)))
         if self.previous is not None:
             slopes = np.array([means[n] / max(self.previous[n], 1e-12) - 1.0 for n in self.names])
             slopes = slopes / max(np.abs(slopes).max(), 1e-12)
@@ -101,11 +112,18 @@ class SoftAdapt:
         self.previous, self.sums, self.count = means, {n: 0.0 for n in self.names}, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights, "sums": self.sums, "count": self.count, "previous": self.previous}
+        sums = dict(zip(self.names, _floats([self.sums[n] for n in self.names])))
+        return {"weights": self.weights, "sums": sums, "count": self.count, "previous": self.previous}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weights, self.sums = state["weights"], state["sums"]
         self.count, self.previous = state["count"], state["previous"]
+
+
+def _label_status(labels: torch.Tensor) -> str:
+    """"all" labels known, "some" unknown (-1) or "none" known."""
+    unknown = labels < 0
+    return "none" if bool(unknown.all()) else "some" if bool(unknown.any()) else "all"
 
 
 class EPRTrainer(Trainer):
@@ -176,14 +194,22 @@ class EPRTrainer(Trainer):
             return {n: self.base_weights[n] * w for n, w in self.policy.weights.items()}
         return {n: self.base_weights[n] for n in self.policy.names}
 
+    def _prepare_inputs(self, inputs):
+        """Notes whether the batch's labels are all known, partly unknown (-1) or all unknown, while they are
+        still on the host (so that ``compute_loss`` needs no device sync)."""
+        labels = inputs.get("labels") if hasattr(inputs, "get") else None
+        self._label_status = None if labels is None else _label_status(labels)
+        return super()._prepare_inputs(inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         epr = self.accelerator.unwrap_model(model)
         inputs = dict(inputs)
         labels = inputs.get("labels")
-        if labels is not None and bool((labels < 0).all()):  # -1: no label (e.g. an unlabeled dataset)
+        status = None if labels is None else (getattr(self, "_label_status", None) or _label_status(labels))
+        if status == "none":  # -1: no label (e.g. an unlabeled dataset)
             inputs.pop("labels")
             labels = None
-        elif labels is not None and bool((labels < 0).any()):
+        elif status == "some":
             inputs["labels"] = labels.masked_fill(labels < 0, -100)  # cross-entropy's ignore_index
         outputs, bits = model(**inputs, return_bits=True)
         terms: dict[str, torch.Tensor] = {}
@@ -201,26 +227,26 @@ class EPRTrainer(Trainer):
             raise EPRTrainingError("a batch has no labels and label_preservation is off: nothing to learn from")
         coefs = self.coefficients()
         loss = sum(coefs[n] * v for n, v in terms.items()) + self.rate_lambda * bits / epr.num_compressed_parameters
-        if model.training:
-            values = {n: float(terms[n].detach()) if n in terms else 0.0 for n in self.policy.names}
+        if model.training:  # statistics stay on the device until the next log (no sync per step)
+            values = {n: terms[n].detach().float() if n in terms else 0.0 for n in self.policy.names}
             self.policy.update(values)
             stats = {**{f"{n}_loss": (v, 1) for n, v in values.items()},
-                     **{f"coef_{n}": (c, 1) for n, c in coefs.items()}, "relaxed_bits": (float(bits.detach()), 1)}
+                     **{f"coef_{n}": (c, 1) for n, c in coefs.items()}, "relaxed_bits": (bits.detach(), 1)}
             pred = outputs.logits.detach().argmax(-1)
-            known = labels >= 0 if labels is not None else torch.zeros_like(pred, dtype=torch.bool)
-            stats["train_accuracy"] = (float((pred == labels)[known].sum()) if labels is not None else 0.0,
-                                       int(known.sum()))
+            if labels is not None:
+                known = labels >= 0
+                stats["train_accuracy"] = (((pred == labels) & known).sum(), known.sum())
             if self.args.label_preservation != "off":
-                stats["teacher_agreement"] = (float((pred == teacher.argmax(-1)).sum()), len(pred))
+                stats["teacher_agreement"] = ((pred == teacher.argmax(-1)).sum(), pred.numel())
             self._record(stats)
         return (loss, outputs) if return_outputs else loss
 
-    def _record(self, stats: dict[str, tuple[float, int]]) -> None:
-        """Add (sum, count) pairs; the log shows sum / count since the last training log."""
+    def _record(self, stats: dict[str, tuple[Any, Any]]) -> None:
+        """Add (sum, count) pairs (floats or device tensors); the log shows sum / count since the last log."""
         for k, (total, count) in stats.items():
-            acc = self._acc.setdefault(k, [0.0, 0])
-            acc[0] += total
-            acc[1] += count
+            acc = self._acc.setdefault(k, [0.0, 0.0])
+            acc[0] = acc[0] + total
+            acc[1] = acc[1] + count
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds, at every logging step: each term and its coefficient (means since the last log), the bits of
@@ -229,7 +255,7 @@ class EPRTrainer(Trainer):
         training batches' accuracy and agreement with the teacher. All are global over the processes."""
         if self._acc and "loss" in logs:  # a training log: every process gets here (after a gather)
             keys = sorted(self._acc)
-            sums = self._reduce([v for k in keys for v in self._acc[k]], "sum")
+            sums = self._reduce(_floats([v for k in keys for v in self._acc[k]]), "sum")
             logs.update({k: sums[2 * i] / sums[2 * i + 1] for i, k in enumerate(keys) if sums[2 * i + 1] > 0})
             bits = self.accelerator.unwrap_model(self.model).exact_bits()  # of the rounded latents, now
             logs["bits"] = bits
@@ -297,7 +323,8 @@ class EPRTrainer(Trainer):
             epr = self.accelerator.unwrap_model(self.model)
             state = {k: v.detach().cpu().clone().contiguous() for k, v in epr.state_dict().items()}
             save_file(state, os.path.join(folder, TRAINING_STATE))
-            state = {"policy": self.policy.state_dict(), "log_sums": self._acc}
+            log_sums = {k: _floats(v) for k, v in self._acc.items()}
+            state = {"policy": self.policy.state_dict(), "log_sums": log_sums}
             atomic_write(os.path.join(folder, POLICY_STATE), json.dumps(state).encode())
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,

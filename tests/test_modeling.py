@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from transformers import AutoModelForImageClassification, ConvNextConfig, ViTConfig
 
 from hf_epr import EPRConfig, EPRConfigError, EPRModel
 from hf_epr.format import WEIGHTS_NAME
@@ -61,3 +63,36 @@ def test_from_base_rejects_what_it_cannot_wrap():
         EPRModel.from_base(torch.nn.Linear(3, 3))
     with pytest.raises(EPRConfigError):
         EPRModel.from_base(tiny_model("resnet"), {"rate_lambda": 1.0})
+
+
+ROBUST_CASES = {  # random-init models with constant tensors: zero biases, unit norms, layer_scale = 1e-6
+    "convnext": (lambda: ConvNextConfig(num_stages=2, hidden_sizes=[32, 64], depths=[1, 1], num_labels=10), 64),
+    "vit": (lambda: ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, num_labels=10), 32),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ROBUST_CASES))
+def test_random_init_trains_with_finite_loss_and_falling_bits(family):
+    config, size = ROBUST_CASES[family]
+    torch.manual_seed(0)
+    base = AutoModelForImageClassification.from_config(config())
+    with torch.no_grad():  # and two more hard cases: an all-zero tensor and one with a huge dynamic range
+        base.classifier.weight.zero_()
+        outliers = next(p for n, p in base.named_parameters() if n.endswith("weight") and p.ndim == 2 and p.numel() > 512)
+        outliers.view(-1)[:3] = torch.tensor([1e3, -1e3, 5e2])
+    model = EPRModel.from_base(base, EPRConfig(rate_lambda=0.5)).train()
+    x, y = torch.randn(8, 3, size, size), torch.randint(0, 10, (8,))
+    groups = model.parameter_groups()
+    opt = torch.optim.Adam([{"params": groups["latents"] + groups["raw"], "lr": 1e-3},
+                            {"params": groups["decoders"], "lr": 2e-2}, {"params": groups["density"], "lr": 1e-2}])
+    bits = [model.exact_bits()]
+    for _ in range(20):
+        opt.zero_grad()
+        out, relaxed = model(pixel_values=x, labels=y, return_bits=True)
+        loss = out.loss + 0.5 * relaxed / model.num_compressed_parameters
+        assert torch.isfinite(loss) and torch.isfinite(relaxed)
+        loss.backward()
+        opt.step()
+        bits.append(model.exact_bits())
+    assert all(math.isfinite(b) for b in bits) and max(bits) <= 1.05 * bits[0] and bits[-1] < 0.98 * bits[0], bits

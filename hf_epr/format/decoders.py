@@ -35,11 +35,23 @@ def ste_round(u: torch.Tensor) -> torch.Tensor:
     return round_latent(u) + (u - u.detach())
 
 
-def init_log_step(w: torch.Tensor, ratio: float) -> torch.Tensor:
-    """log of ``ratio`` times the tensor's spread (its RMS around the mean; 1e-2 for a constant tensor)."""
-    w = w.detach().float()
-    spread = (w - w.mean()).pow(2).mean().sqrt()
-    return torch.log(torch.where(spread > 0, spread, torch.full_like(spread, 1e-2)) * ratio)
+CONSTANT_SPREAD = 1e-4  # a tensor whose spread is below this fraction of its magnitude is constant (ones, zeros, ...)
+
+
+def weight_spread(w: torch.Tensor) -> float | None:
+    """The tensor's spread (RMS around its mean), or None for a constant or near-constant tensor (zero biases,
+    unit norm scales, a layer scale of 1e-6 everywhere, float noise around one value)."""
+    w = w.detach().double()
+    spread = float((w - w.mean()).pow(2).mean().sqrt())
+    magnitude = float(w.pow(2).mean().sqrt())
+    return spread if math.isfinite(spread) and spread > CONSTANT_SPREAD * magnitude and spread > 0 else None
+
+
+def init_log_step(w: torch.Tensor, ratio: float, default_spread: float = 1e-2) -> torch.Tensor:
+    """log of ``ratio`` times the tensor's spread; a constant tensor takes ``default_spread`` instead (the model's
+    typical spread): training moves it by as much as any other weight, whatever its value."""
+    spread = weight_spread(w) or default_spread
+    return torch.log(torch.tensor(spread * ratio, dtype=torch.float32, device=w.device))
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -241,9 +253,10 @@ class DecoderKind:
                     hi.new_full((self.num_groups,), float("-inf")).scatter_reduce(0, ids, hi, "amax"))
         return self.reduce_to_groups(x, "amin"), self.reduce_to_groups(x, "amax")
 
-    def initial_params(self, w: torch.Tensor, step_ratio: float) -> torch.Tensor:
-        """Starting parameters for the weight ``w``: a step of ``step_ratio`` times its spread, its mean as shift."""
-        log_step = init_log_step(w, step_ratio).reshape(1).repeat(self.num_groups)
+    def initial_params(self, w: torch.Tensor, step_ratio: float, default_spread: float = 1e-2) -> torch.Tensor:
+        """Starting parameters for the weight ``w``: a step of ``step_ratio`` times its spread (``default_spread``
+        for a constant tensor, see :func:`init_log_step`), its mean as shift."""
+        log_step = init_log_step(w, step_ratio, default_spread).reshape(1).repeat(self.num_groups)
         if not self.has_shift:
             return log_step
         return torch.cat([log_step, w.detach().float().mean().reshape(1).repeat(self.num_groups)])
