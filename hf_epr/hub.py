@@ -14,9 +14,10 @@ from .format.configuration_epr import CONFIG_MODEL_TYPE, EPRCompressedConfig
 from .format.container import WEIGHTS_NAME, file_size_report
 from .format.errors import EPRError
 from .format.modeling_epr import LOADERS
+from .modeling import DENSITY_NAME
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
-SHARED = ("config.json", WEIGHTS_NAME, "preprocessor_config.json", "README.md", "rate_accuracy.png")
+SHARED = ("config.json", WEIGHTS_NAME, DENSITY_NAME, "preprocessor_config.json", "README.md", "rate_accuracy.png")
 CODE_SUFFIX = ".py"  # the decoder modules and any base-architecture source the repo carries
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from typing import Any
 
@@ -22,7 +24,9 @@ from .format.modeling_epr import architecture_class, decode_state_dict, resolve_
 from .remote_code import repo_auto_map, write_remote_code
 from .reparam import CompressedTensor, attach
 
-REFIT_STEPS = 100  # density fit after loading (the file stores tables, not the density's parameters)
+REFIT_STEPS = 100  # density fit after loading a repo saved without its density
+DENSITY_NAME = "epr_density.safetensors"
+logger = logging.getLogger(__name__)
 
 
 class EPRModel(PreTrainedModel):
@@ -37,15 +41,16 @@ class EPRModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "pixel_values"
 
-    def __init__(self, config: EPRCompressedConfig, base_model: PreTrainedModel | None = None):
+    def __init__(self, config: EPRCompressedConfig, base_model: PreTrainedModel | None = None,
+                 init_density: bool = True):
         super().__init__(config)
         self.model = base_model if base_model is not None else _build(config.to_base_config())
         self.model.config.architectures = [type(self.model).__name__]  # what loading builds again
         self.epr_config = EPRConfig.from_dict(config.epr or {})
         self.entries: list[CompressedTensor] = attach(self.model, self.epr_config)
-        spreads = [self._spread(e) for e in self.entries]
-        self.density = FactorizedDensity(sum(len(s) for s in spreads), torch.cat(spreads) if spreads else None,
-                                         self.epr_config.density_filters)
+        channels = sum(e.kind.num_groups for e in self.entries)
+        spreads = torch.cat([self._spread(e) for e in self.entries]) if init_density and self.entries else None
+        self.density = FactorizedDensity(channels, spreads, self.epr_config.density_filters)
         self.main_input_name = getattr(self.model, "main_input_name", "pixel_values")
         self.post_init()
 
@@ -201,6 +206,14 @@ class EPRModel(PreTrainedModel):
                                   "dtype": dtype, "offset": c.add_raw(array, dtype)})
         return c
 
+    def density_bytes(self) -> bytes:
+        """The density's parameters as safetensors (saved beside the coded weights so that ``from_pretrained``
+        resumes with the same bits estimate; not needed to decode the model, so not in its coded size)."""
+        from safetensors.torch import save
+
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.density.state_dict().items()}
+        return save(state, metadata={"format": "hf_epr-density", "filters": json.dumps(self.epr_config.density_filters)})
+
     def size_report(self) -> dict[str, Any]:
         """Per tensor: name, shape, kind, bits, bytes; totals. Sizes are from real coding."""
         return self.to_container().size_report()
@@ -214,6 +227,7 @@ class EPRModel(PreTrainedModel):
             raise EPRFormatError(f"{save_directory} is a file; save_pretrained needs a folder")
         os.makedirs(save_directory, exist_ok=True)
         atomic_write(os.path.join(save_directory, WEIGHTS_NAME), self.to_container().to_bytes())
+        atomic_write(os.path.join(save_directory, DENSITY_NAME), self.density_bytes())
         base_config = self.model.config.to_dict()
         write_remote_code(save_directory, self.model, base_config)
         self.config.base_config = base_config
@@ -239,10 +253,26 @@ class EPRModel(PreTrainedModel):
             raise EPRFormatError(f"{repo} is not an hf_epr compressed repo (config.json has no base_config)")
         meta, arrays = read_container(resolve_file(repo, WEIGHTS_NAME, **hub))
         base_config = config.to_base_config(repo, **hub)
-        model = cls(config, base_model=_build(base_config, architecture_class(base_config, repo, **hub)))
+        model = cls(config, base_model=_build(base_config, architecture_class(base_config, repo, **hub)),
+                    init_density=False)
         model.load_coded(meta, arrays)
-        model.fit_density(REFIT_STEPS)
-        return model.eval()
+        if not model._load_density(repo, **hub):  # repos saved before the density was stored: fit it again
+            model.fit_density(REFIT_STEPS)
+        device = kwargs.get("device_map", kwargs.get("device"))
+        return model.to(device).eval() if isinstance(device, (str, int, torch.device)) else model.eval()
+
+    def _load_density(self, repo: str | os.PathLike, **hub: Any) -> bool:
+        """Restore the density saved with the repo; False when the repo has none that fits."""
+        from safetensors.torch import load
+
+        try:
+            with open(resolve_file(repo, DENSITY_NAME, **hub), "rb") as f:
+                state = load(f.read())
+            self.density.load_state_dict(state, strict=True)
+        except (OSError, EPRFormatError, RuntimeError, ValueError) as err:  # missing, unreadable or another shape
+            logger.info("no usable %s in %s (%s): fitting the density to the latents", DENSITY_NAME, repo, err)
+            return False
+        return True
 
     def load_coded(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Set latents, decoder parameters and raw tensors from a read container."""

@@ -12,6 +12,7 @@ from huggingface_hub import HfApi, ModelCard
 from hf_epr import EPRConfig, EPRModel
 from hf_epr.format import WEIGHTS_NAME
 from hf_epr.hub import build_model_card, push_to_hub
+from hf_epr.modeling import DENSITY_NAME
 from hf_epr.remote_code import BUNDLED_FILES
 from hf_epr.testing import mnist_reference, tiny_inputs
 
@@ -44,7 +45,7 @@ def test_push_uploads_exactly_the_compressed_repo(compressed, hub, tmp_path, no_
     push_to_hub(folder, "me/tiny-epr", eval_results=EVAL)
     assert len(hub["calls"]) == 1 and "EPR-compressed" in hub["calls"][0][1]
     files = sorted(p.name for p in hub["dir"].iterdir())
-    assert files == sorted(["README.md", "config.json", WEIGHTS_NAME, "preprocessor_config.json", *BUNDLED_FILES])
+    assert files == sorted(["README.md", "config.json", WEIGHTS_NAME, DENSITY_NAME, "preprocessor_config.json", *BUNDLED_FILES])
     x = tiny_inputs("resnet")
     np.save(tmp_path / "x.npy", x.numpy())
     proc = no_hf_epr_runner(f"""
@@ -93,7 +94,7 @@ def test_trainer_push_to_hub(hub, tmp_path):
     trainer.evaluate()
     trainer.push_to_hub(commit_message="end of training")
     files = sorted(p.name for p in hub["dir"].iterdir())
-    assert files == sorted(["README.md", "config.json", WEIGHTS_NAME, "lenet.py", *BUNDLED_FILES])  # LeNet travels
+    assert files == sorted(["README.md", "config.json", WEIGHTS_NAME, DENSITY_NAME, "lenet.py", *BUNDLED_FILES])  # LeNet travels
     card = ModelCard.load(hub["dir"] / "README.md")
     evals = [h for h in trainer.state.log_history if "eval_coded_bytes" in h][-1]
     values = {r.metric_type: r.metric_value for r in card.data.eval_results}

@@ -11,6 +11,7 @@ from transformers import AutoModelForImageClassification, ConvNextConfig, ViTCon
 
 from hf_epr import EPRConfig, EPRConfigError, EPRModel
 from hf_epr.format import WEIGHTS_NAME
+from hf_epr.modeling import DENSITY_NAME
 from hf_epr.testing import TINY_CONFIGS, tiny_inputs, tiny_model, train_a_few_steps
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -96,3 +97,24 @@ def test_random_init_trains_with_finite_loss_and_falling_bits(family):
         opt.step()
         bits.append(model.exact_bits())
     assert all(math.isfinite(b) for b in bits) and max(bits) <= 1.05 * bits[0] and bits[-1] < 0.98 * bits[0], bits
+
+
+def test_from_pretrained_restores_the_density_without_refitting(tmp_path, monkeypatch):
+    model = EPRModel.from_base(tiny_model("convnext"), EPRConfig(rate_lambda=0.1, init_step_ratio=0.05))
+    train_a_few_steps(model, tiny_inputs("convnext"), steps=4)
+    model.save_pretrained(tmp_path)
+    monkeypatch.setattr(EPRModel, "fit_density", lambda *a, **k: pytest.fail("refitted"))
+    again = EPRModel.from_pretrained(tmp_path)
+    assert again.exact_bits() == model.exact_bits()
+    with torch.no_grad():
+        assert torch.equal(again.eval().bits(), model.eval().bits())
+        assert all(torch.equal(a, b) for a, b in zip(again.density.parameters(), model.density.parameters()))
+
+
+def test_repos_saved_without_a_density_refit_it(tmp_path):
+    model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(init_step_ratio=0.05))
+    model.save_pretrained(tmp_path)
+    (tmp_path / DENSITY_NAME).unlink()
+    again = EPRModel.from_pretrained(tmp_path)
+    c = again.to_container()
+    assert 0.9 < again.exact_bits() / sum(g.ideal_bits(c.precision) for g in c.groups) < 1.25

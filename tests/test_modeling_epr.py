@@ -14,6 +14,7 @@ from transformers import (AutoModel, AutoModelForImageClassification, BertConfig
 
 from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRFormatError, EPRModel
 from hf_epr.format import WEIGHTS_NAME
+from hf_epr.modeling import DENSITY_NAME
 from hf_epr.remote_code import BUNDLED_FILES
 from hf_epr.testing import TINY_CONFIGS, tiny_inputs, tiny_model, train_a_few_steps
 
@@ -30,7 +31,7 @@ def test_train_save_load_without_hf_epr(family, tmp_path, no_hf_epr_runner):
         expected = model(pixel_values=x).logits
     folder = tmp_path / "repo"
     model.save_pretrained(folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", WEIGHTS_NAME, *BUNDLED_FILES])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", WEIGHTS_NAME, DENSITY_NAME, *BUNDLED_FILES])
     np.save(tmp_path / "x.npy", x.numpy())
     proc = no_hf_epr_runner(f"""
         import numpy as np, torch

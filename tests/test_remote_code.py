@@ -10,6 +10,7 @@ from hf_epr import EPRConfig, EPRModel
 from hf_epr.cli import main as cli
 from hf_epr.format import WEIGHTS_NAME
 from hf_epr.models import LeNetConfig, LeNetForImageClassification
+from hf_epr.modeling import DENSITY_NAME
 from hf_epr.remote_code import BUNDLED_FILES
 
 
@@ -19,7 +20,7 @@ def test_lenet_repo_and_its_decoded_checkpoint_load_without_hf_epr(tmp_path, no_
                                EPRConfig(init_step_ratio=0.05)).eval()
     model.save_pretrained(tmp_path / "repo")
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == sorted(
-        ["config.json", WEIGHTS_NAME, "lenet.py", *BUNDLED_FILES])
+        ["config.json", WEIGHTS_NAME, DENSITY_NAME, "lenet.py", *BUNDLED_FILES])
     base = json.loads((tmp_path / "repo" / "config.json").read_text())["base_config"]
     assert base["auto_map"] == {"AutoConfig": "lenet.LeNetConfig",
                                 "AutoModelForImageClassification": "lenet.LeNetForImageClassification"}

@@ -41,9 +41,8 @@ CONSTANT_SPREAD = 1e-4  # a tensor whose spread is below this fraction of its ma
 def weight_spread(w: torch.Tensor) -> float | None:
     """The tensor's spread (RMS around its mean), or None for a constant or near-constant tensor (zero biases,
     unit norm scales, a layer scale of 1e-6 everywhere, float noise around one value)."""
-    w = w.detach().double()
-    spread = float((w - w.mean()).pow(2).mean().sqrt())
-    magnitude = float(w.pow(2).mean().sqrt())
+    var, mean = torch.var_mean(w.detach().float(), correction=0)
+    spread, magnitude = torch.stack([var, var + mean * mean]).sqrt().tolist()
     return spread if math.isfinite(spread) and spread > CONSTANT_SPREAD * magnitude and spread > 0 else None
 
 
