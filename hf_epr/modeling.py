@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +28,10 @@ from .reparam import CompressedTensor, attach
 REFIT_STEPS = 100  # density fit after loading a repo saved without its density
 DENSITY_NAME = "epr_density.safetensors"
 logger = logging.getLogger(__name__)
+try:  # FSDP2 (torch >= 2.6): a module wrapped with fully_shard becomes an instance of FSDPModule
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # pragma: no cover
+    _FSDPModule = None
 
 
 class EPRModel(PreTrainedModel):
@@ -88,6 +93,22 @@ class EPRModel(PreTrainedModel):
                                for c in range(entry.kind.num_groups)])
             return torch.where(std > 0.5, 3 * std, torch.full_like(std, 3 / self.epr_config.init_step_ratio))
 
+    @contextlib.contextmanager
+    def full_parameters(self) -> Iterator[None]:
+        """All parameters whole for the duration (a collective under FSDP2, where every rank must enter it;
+        nothing to do otherwise)."""
+        outermost = self.__dict__.get("_full_depth", 0) == 0
+        sharded = outermost and _FSDPModule is not None and isinstance(self, _FSDPModule)
+        if sharded:
+            self.unshard()
+        self.__dict__["_full_depth"] = self.__dict__.get("_full_depth", 0) + 1
+        try:
+            yield
+        finally:
+            self.__dict__["_full_depth"] -= 1
+            if sharded:
+                self.reshard()
+
     # ------------------------------------------------------------------ forward and rate
     def forward(self, *args: Any, return_bits: bool = False, **kwargs: Any):
         """The base model's forward (weights decoded once per call). With ``return_bits=True``: a pair
@@ -116,8 +137,9 @@ class EPRModel(PreTrainedModel):
         """Bits of the current rounded latents under the density (no relaxation, no gradient)."""
         if not self.entries:
             return 0.0
-        hist = latent_histogram(self.latent_tensors())
-        return float((hist.counts.float() * cell_bits(self.density, hist)).sum())
+        with self.full_parameters():
+            hist = latent_histogram(self.latent_tensors())
+            return float((hist.counts.float() * cell_bits(self.density, hist)).sum())
 
     @property
     def num_compressed_parameters(self) -> int:
@@ -154,7 +176,7 @@ class EPRModel(PreTrainedModel):
 
     def integer_latents(self) -> dict[str, torch.Tensor]:
         """The rounded latents (int64) of every compressed tensor, by parameter name."""
-        with torch.no_grad():
+        with torch.no_grad(), self.full_parameters():
             return {e.name: round_latent(e.decoder.units(e.latent)).long() for e in self.entries}
 
     # ------------------------------------------------------------------ coding
@@ -179,14 +201,14 @@ class EPRModel(PreTrainedModel):
         return list(out.values())
 
     def _coded_groups(self, entry: CompressedTensor) -> list[np.ndarray]:
-        q = round_latent(entry.decoder.units(entry.latent.detach())).to(torch.int32).cpu().numpy()
+        q = to_host(round_latent(entry.decoder.units(entry.latent.detach())), torch.int32)
         return entry.kind.split(q)
 
     def to_container(self) -> Container:
         """The coded form of the model: integer latents + tables (from the latents' histograms) + raw tensors."""
         cfg = self.epr_config
         c = Container(precision=cfg.precision)
-        with torch.no_grad():
+        with torch.no_grad(), self.full_parameters():
             for entry in self.entries:
                 gids = []
                 for values in self._coded_groups(entry):
@@ -196,22 +218,31 @@ class EPRModel(PreTrainedModel):
                 c.tensors.append({"name": entry.name, "aliases": entry.aliases, "shape": list(entry.latent.shape),
                                   "kind": entry.kind.name, "groups": gids, "params": len(c.params),
                                   **entry.kind.layout()})
-                c.params.extend(entry.decoder.params.detach().cpu().tolist())
+                c.params.extend(to_host(entry.decoder.params).tolist())
             for name, aliases, tensor in self._raw_tensors():
                 dtype = str(tensor.dtype).removeprefix("torch.")
                 if tensor.is_floating_point():
                     dtype = cfg.raw_dtype
-                array = tensor.detach().to(getattr(torch, dtype)).cpu().numpy()
+                array = to_host(tensor, getattr(torch, dtype))
                 c.tensors.append({"name": name, "aliases": aliases, "shape": list(tensor.shape), "kind": "raw",
                                   "dtype": dtype, "offset": c.add_raw(array, dtype)})
         return c
+
+    def host_state_dict(self) -> dict[str, torch.Tensor]:
+        """Host copies of the wrapper's whole state (the training state of a checkpoint); under FSDP2 every rank
+        must call it (it gathers the parameters)."""
+        with self.full_parameters():
+            tensors = {**dict(self.named_parameters(remove_duplicate=False)),
+                       **dict(self.named_buffers(remove_duplicate=False))}
+            return {k: torch.from_numpy(to_host(tensors[k])) for k in self.state_dict() if k in tensors}
 
     def density_bytes(self) -> bytes:
         """The density's parameters as safetensors (saved beside the coded weights so that ``from_pretrained``
         resumes with the same bits estimate; not needed to decode the model, so not in its coded size)."""
         from safetensors.torch import save
 
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.density.state_dict().items()}
+        with self.full_parameters():
+            state = {k: torch.from_numpy(to_host(v, torch.float32)) for k, v in self.density.named_parameters()}
         return save(state, metadata={"format": "hf_epr-density", "filters": json.dumps(self.epr_config.density_filters)})
 
     def size_report(self) -> dict[str, Any]:
@@ -295,6 +326,11 @@ class EPRModel(PreTrainedModel):
                 if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
                     raise EPRFormatError(f"{name}: missing from the file or stored with another shape")
                 tensor.copy_(state[name].to(tensor.dtype))
+
+
+def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
+    """A NumPy copy of ``t`` on the host (the one place where tensors leave their device for the file)."""
+    return t.detach().to("cpu", dtype or t.dtype, copy=True).numpy()
 
 
 def _build(base_config, architecture: type | None = None) -> PreTrainedModel:

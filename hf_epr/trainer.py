@@ -314,18 +314,25 @@ class EPRTrainer(Trainer):
         with open(os.path.join(output_dir, TRAINING_ARGS), "w") as f:  # JSON: no pickle in a model repo
             f.write(self.args.to_json_string())
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the compressed repo (every process takes part: under FSDP2 the parameters are gathered first)."""
+        with self.accelerator.unwrap_model(self.model).full_parameters():
+            if self.args.should_save:
+                self._save(output_dir)
+        self.accelerator.wait_for_everyone()
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        epr = self.accelerator.unwrap_model(self.model)
+        state = epr.host_state_dict()  # every process (a collective under FSDP2); the main one writes
+        log_sums = {k: _floats(v) for k, v in self._acc.items()}
         if self.args.should_save:
             from safetensors.torch import save_file
 
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            epr = self.accelerator.unwrap_model(self.model)
-            state = {k: v.detach().cpu().clone().contiguous() for k, v in epr.state_dict().items()}
             save_file(state, os.path.join(folder, TRAINING_STATE))
-            log_sums = {k: _floats(v) for k, v in self._acc.items()}
-            state = {"policy": self.policy.state_dict(), "log_sums": log_sums}
-            atomic_write(os.path.join(folder, POLICY_STATE), json.dumps(state).encode())
+            policy = {"policy": self.policy.state_dict(), "log_sums": log_sums}
+            atomic_write(os.path.join(folder, POLICY_STATE), json.dumps(policy).encode())
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
                     revision: str | None = None, **kwargs: Any):

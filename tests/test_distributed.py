@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo) under `accelerate launch`: identical latents and coefficients, global logged bits,
-a loadable repo.
+"""Distributed training on 2 CPU processes (gloo): DDP under `accelerate launch` (identical latents and
+coefficients, global logged bits, no stride warning, a loadable repo) and FSDP2 (`fully_shard` of the whole
+EPRModel: identical latents on both ranks, and the repo equals a one-process save of the same latents).
 
 Note: in accelerate 1.15 `accelerate launch --cpu --num_processes 2 script.py` starts ONE process unless an MPI
 hostfile is given (``--mpirun_hostfile``); recipes/accelerate_cpu.yaml uses accelerate's torchrun launcher with
@@ -16,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from hf_epr import EPRCompressedForImageClassification, EPRModel
+from hf_epr.format import WEIGHTS_NAME
 from hf_epr.trainer import TRAINING_STATE
 
 HERE = Path(__file__).parent
@@ -28,6 +30,7 @@ def test_two_process_cpu_training(tmp_path):
            str(HERE / "accelerate_script.py"), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Grad strides do not match" not in proc.stderr  # no parameter with a stride-0 dimension
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     assert ranks[0]["digest"] == ranks[1]["digest"]  # DDP kept the latents identical
@@ -45,3 +48,20 @@ def test_two_process_cpu_training(tmp_path):
     again.load_state_dict(load_file(tmp_path / "checkpoint-8" / TRAINING_STATE))
     assert again.exact_bits() == pytest.approx(last["bits"], rel=1e-5)
     assert EPRCompressedForImageClassification.from_pretrained(tmp_path / "repo") is not None
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           str(HERE / "fsdp2_script.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["parameter_type"] == "DTensor"  # the parameters really were sharded
+    assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["exact_bits"] == ranks[1]["exact_bits"]
+    again = EPRModel.from_pretrained(tmp_path / "repo")
+    latents = again.integer_latents()
+    assert hashlib.sha256(b"".join(latents[k].numpy().tobytes() for k in sorted(latents))).hexdigest() == \
+        ranks[0]["digest"]
+    again.save_pretrained(tmp_path / "one-process")
+    assert (tmp_path / "one-process" / WEIGHTS_NAME).read_bytes() == (tmp_path / "repo" / WEIGHTS_NAME).read_bytes()
