@@ -346,7 +346,8 @@ def compress(reference, train, eval_set, training_args: EPRTrainingArguments, mo
 
 def table(rows: list[dict]) -> str:
     """The run summary: sizes, ratio, accuracy against the reference, and label mismatches."""
-    pct = lambda key: lambda r: f"{100 * r[key]:.2f}%"  # noqa: E731
+    # an empty cell where there is nothing to measure (accuracy of unlabeled data)
+    pct = lambda key: lambda r: None if r[key] is None else f"{100 * r[key]:.2f}%"  # noqa: E731
     return markdown_table(rows, {"run": "run", "fp32 KB": lambda r: f"{r['fp32_bytes'] / 1024:.1f}",
                                  "compressed KB": lambda r: f"{r['bytes'] / 1024:.2f}",
                                  "ratio": lambda r: f"{r['ratio']:.1f}x", "accuracy": pct("accuracy"),

@@ -157,6 +157,15 @@ def test_label_count_mismatch_needs_the_flag(tmp_path):
     assert reference["id2label"] == {"0": "a", "1": "b"}  # the fine-tuned reference, with its new 2-label head
 
 
+def test_unlabeled_images_with_a_model(tmp_path, capsys):
+    data = imagefolder(tmp_path / "data", {"": {"a": 6, "b": 6}})
+    model = user_model(tmp_path / "model", ["a", "b"])
+    rows = run_recipe(["--model_name_or_path", str(model), "--dataset_name", str(data), "--label_column", "",
+                       "--output_dir", str(tmp_path / "out"), *TINY])["rows"]
+    assert rows[0]["accuracy"] is None and rows[0]["mismatches"] is not None  # agreement with the model only
+    assert "| EPR, label preservation auto |" in capsys.readouterr().out
+
+
 def test_missing_local_path_is_one_line(tmp_path):
     proc = run_cli(["--model_name_or_path", str(tmp_path / "no-such-model")], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
