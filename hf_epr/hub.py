@@ -16,7 +16,7 @@ from .format.errors import EPRError
 from .format.modeling_epr import LOADERS
 from .modeling import DENSITY_NAME
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+TEMPLATE = Path(__file__).parent / "resources" / "model_card_template.md"  # package data
 SHARED = ("config.json", WEIGHTS_NAME, DENSITY_NAME, "preprocessor_config.json", "README.md", "rate_accuracy.png")
 CODE_SUFFIX = ".py"  # the decoder modules and any base-architecture source the repo carries
 
@@ -50,7 +50,7 @@ def _fmt(value: Any, pct: bool = False) -> str:
 def build_model_card(folder: str | os.PathLike, *, repo_id: str = "", base_model: str | None = None,
                      datasets: list[str] | None = None, eval_results: dict[str, Any] | None = None,
                      label_preservation: str | None = None):
-    """A model card for a compressed repo folder, from ``model_cards/template.md``.
+    """A model card for a compressed repo folder, from ``hf_epr/resources/model_card_template.md``.
 
     ``eval_results`` uses the EPRTrainer's evaluation keys (``eval_accuracy``, ``eval_reference_accuracy``,
     ``eval_mismatch_rate``, ``eval_mismatches``; the ``eval_`` prefix is optional).

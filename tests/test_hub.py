@@ -99,3 +99,19 @@ def test_trainer_push_to_hub(hub, tmp_path):
     evals = [h for h in trainer.state.log_history if "eval_coded_bytes" in h][-1]
     values = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert values["accuracy"] == evals["eval_accuracy"] and values["compressed_bytes"] == evals["eval_coded_bytes"]
+
+
+def test_card_template_is_package_data():
+    """The template ships inside the package (an installed wheel has no model_cards/ folder)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import hf_epr
+    from hf_epr.hub import TEMPLATE
+
+    package = Path(hf_epr.__file__).parent
+    assert TEMPLATE.is_file() and TEMPLATE.is_relative_to(package)
+    patterns = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    relative = TEMPLATE.relative_to(package).as_posix()
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns["hf_epr"])
