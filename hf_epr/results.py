@@ -18,9 +18,9 @@ def _cell(value: Any) -> str:
 def markdown_table(rows: Sequence[Mapping[str, Any]],
                    columns: Sequence[str] | Mapping[str, str | Callable[[Mapping[str, Any]], Any]] | None = None) -> str:
     """A markdown table of ``rows``. ``columns``: keys (the header is the key), or header -> key or function of
-    the row; default: the keys of the first row. Floats get 4 significant digits, None an empty cell."""
-    if columns is None:
-        columns = list(rows[0]) if rows else []
+    the row; default: every key of the rows. Floats get 4 significant digits, None an empty cell."""
+    if columns is None:  # every key of every row, in order of first appearance
+        columns = list(dict.fromkeys(k for r in rows for k in r))
     if not isinstance(columns, Mapping):
         columns = {key: key for key in columns}
     getters = [(lambda r, k=spec: r.get(k)) if isinstance(spec, str) else spec for spec in columns.values()]

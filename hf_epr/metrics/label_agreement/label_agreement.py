@@ -1,14 +1,20 @@
 """Label agreement between a compressed model and its reference (an ``evaluate`` metric, loadable by path).
 
-Self-contained (``evaluate`` copies this file into its cache): it imports nothing from hf_epr.
+Self-contained (``evaluate`` copies this file into its cache): it imports nothing from hf_epr. The plain function
+``label_agreement`` needs numpy only (hf_epr's trainer uses it); the ``evaluate`` metric class is defined where
+``datasets`` and ``evaluate`` are installed.
 """
 
 from __future__ import annotations
 
-import datasets
-import evaluate
 import numpy as np
 from numpy.typing import ArrayLike
+
+try:
+    import datasets
+    import evaluate
+except ImportError:  # the plain function still works
+    datasets = evaluate = None
 
 _DESCRIPTION = """Accuracy of a compressed model and of its reference (uncompressed) model, and how often their
 predicted labels differ: overall, where the reference is right, and where it is wrong (Joseph et al.).
@@ -57,16 +63,18 @@ def label_agreement(predictions: ArrayLike, references: ArrayLike,
     }
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
-class LabelAgreement(evaluate.Metric):
-    """Label agreement between a compressed model and its reference model."""
+if evaluate is not None:
+    @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
+    class LabelAgreement(evaluate.Metric):
+        """Label agreement between a compressed model and its reference model."""
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS,
-            reference_urls=["https://arxiv.org/abs/2012.01604"],
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64"),
-                                        "reference_predictions": datasets.Value("int64")}))
+        def _info(self) -> evaluate.MetricInfo:
+            return evaluate.MetricInfo(
+                description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS,
+                reference_urls=["https://arxiv.org/abs/2012.01604"],
+                features=datasets.Features({"predictions": datasets.Value("int64"),
+                                            "references": datasets.Value("int64"),
+                                            "reference_predictions": datasets.Value("int64")}))
 
-    def _compute(self, predictions, references, reference_predictions) -> dict[str, float | int | None]:
-        return label_agreement(predictions, references, reference_predictions)
+        def _compute(self, predictions, references, reference_predictions) -> dict[str, float | int | None]:
+            return label_agreement(predictions, references, reference_predictions)

@@ -1,0 +1,288 @@
+"""GPU check: the whole flow of a user with a GPU on ResNet-50, ViT-B/16 and ConvNeXt-T.
+
+    python benchmarks/gpu_check.py            # CUDA: default configs, 1,000 labels, batch 64 of 224 x 224 images
+    python benchmarks/gpu_check.py --small    # anywhere (also CPU): tiny configs, the same code paths
+
+Per model (random init, random images): the plain Trainer step against EPRTrainer steps (label preservation off and
+auto; fp32 and bf16 mixed precision; and with the compiled quantizer), the rate term alone, then on the device
+``evaluate`` (real coded bytes) and ``save_model``; the saved repo loaded on the CPU (same integer latents), onto the
+device with ``device_map``/``dtype``, and load times against the decoded fp32 safetensors checkpoint in fresh
+processes. Last, FSDP2 through ``accelerate launch`` (recipes/accelerate_fsdp2.yaml, one process). Writes
+``benchmarks/results/gpu_check.{md,json}`` (``gpu_check_quick`` for --small), naming the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForImageClassification, ConvNextConfig, ResNetConfig, Trainer, TrainerCallback,
+                          TrainingArguments, ViTConfig)
+
+from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
+from hf_epr.data import TensorRows
+from hf_epr.format.decoders import compile_quantizer
+from hf_epr.results import markdown_table
+
+from common import save_results
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {  # name -> (full config, small config)
+    "resnet50": (lambda: ResNetConfig(num_labels=1000),
+                 lambda: ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),
+    "vit-b16": (lambda: ViTConfig(num_labels=1000),
+                lambda: ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, num_labels=10)),
+    "convnext-t": (lambda: ConvNextConfig(num_labels=1000),
+                   lambda: ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),
+}
+LOAD = r"""
+import json, sys, time
+import torch, transformers
+from transformers import AutoModelForImageClassification
+kind, folder = sys.argv[1], sys.argv[2]
+import hf_epr  # imported by both, so both pay the same start-up
+t = time.perf_counter()
+if kind == "epr-wrapper":
+    hf_epr.EPRModel.from_pretrained(folder)
+else:
+    AutoModelForImageClassification.from_pretrained(folder)
+print(json.dumps({"load_s": time.perf_counter() - t}))
+"""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of the steps after ``warmup`` (device synchronized at both ends only)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            sync()
+            self.start = time.perf_counter()
+        elif state.global_step > self.warmup:
+            self.steps += 1
+            if state.global_step == args.max_steps:
+                sync()
+                self.end = time.perf_counter()
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000 * (self.end - self.start) / self.steps
+
+
+def images(n: int, size: int, labels: int) -> TensorRows:
+    g = torch.Generator().manual_seed(0)
+    return TensorRows({"pixel_values": torch.randn(n, 3, size, size, generator=g),
+                       "labels": torch.randint(0, labels, (n,), generator=g)})
+
+
+def run_trainer(kind: str, base, data, batch: int, steps: int, warmup: int, bf16: bool, out: str):
+    """(trainer, ms per step) of one short run: kind is plain, off or auto."""
+    common = dict(output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=batch, learning_rate=1e-4,
+                  report_to="none", save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True, seed=0, bf16=bf16,
+                  dataloader_num_workers=2 if torch.cuda.is_available() else 0)
+    timer = StepTimer(warmup)
+    if kind == "plain":
+        trainer = Trainer(model=copy.deepcopy(base), args=TrainingArguments(**common), train_dataset=data,
+                          callbacks=[timer])
+    else:
+        model = EPRModel.from_base(copy.deepcopy(base), EPRConfig(rate_lambda=0.5))
+        trainer = EPRTrainer(model=model, reference_model=copy.deepcopy(base) if kind == "auto" else None,
+                             args=EPRTrainingArguments(label_preservation=kind, **common), train_dataset=data,
+                             callbacks=[timer])
+    trainer.train()
+    return trainer, timer.ms_per_step
+
+
+def rate_term_ms(model: EPRModel, calls: int) -> float:
+    model.train()
+    times = []
+    for _ in range(calls + 3):
+        sync()
+        t = time.perf_counter()
+        (model.bits() / model.num_compressed_parameters).backward()
+        sync()
+        times.append(time.perf_counter() - t)
+    model.zero_grad()
+    return 1000 * sorted(times[3:])[len(times[3:]) // 2]
+
+
+def digest(latents: dict) -> str:
+    return hashlib.sha256(b"".join(latents[k].cpu().numpy().tobytes() for k in sorted(latents))).hexdigest()
+
+
+def load_seconds(kind: str, folder: str, repeats: int) -> float:
+    """Best of ``repeats`` loads in fresh processes."""
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", LOAD, kind, folder], capture_output=True, text=True, check=True,
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1])["load_s"])
+    return min(runs)
+
+
+def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict], dict]:
+    """Step-time rows and one row of end-to-end checks for one model."""
+    full, small = MODELS[name]
+    size, batch = (32, 8) if args.small else (224, 64)
+    torch.manual_seed(0)
+    base = AutoModelForImageClassification.from_config((small if args.small else full)()).eval()
+    labels = base.config.num_labels
+    data = images(batch * (args.steps + args.warmup), size, labels)
+    rows, kept = [], None
+    plain = {}
+    variants = [("plain", False), ("off", False), ("auto", False), ("plain", True), ("off", True), ("auto", True)]
+    if name in args.compiled_models:
+        variants += [("off+compiled", False), ("off+compiled", True)]
+    for kind, bf16 in variants:
+        label = f"{kind} {'bf16' if bf16 else 'fp32'}"
+        try:
+            if kind == "off+compiled":
+                compile_quantizer(True)
+            trainer, ms = run_trainer(kind.split("+")[0], base, data, batch, args.steps, args.warmup, bf16,
+                                      os.path.join(scratch, f"{name}-{kind}-{bf16}"))
+            if kind == "plain":
+                plain[bf16] = ms
+            rows.append({"model": name, "run": label, "ms_per_step": round(ms, 2),
+                         "ratio_vs_plain": round(ms / plain[bf16], 3) if bf16 in plain else None})
+            if kind == "off" and not bf16:
+                kept = trainer
+            log(f"{name} {label}: {ms:.1f} ms/step")
+        except Exception as err:  # noqa: BLE001 - report and go on with the other variants
+            rows.append({"model": name, "run": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            log(f"{name} {label} FAILED\n{traceback.format_exc()}")
+        finally:
+            compile_quantizer(False)
+    checks: dict = {"model": name}
+    try:
+        epr = kept.accelerator.unwrap_model(kept.model)
+        checks["latents_M"] = round(epr.num_compressed_parameters / 1e6, 2)
+        checks["rate_term_ms"] = round(rate_term_ms(epr, 10 if args.small else 20), 2)
+        checks["rate_G_latents_per_s"] = round(epr.num_compressed_parameters / checks["rate_term_ms"] / 1e6, 3)
+        metrics = kept.evaluate(eval_dataset=images(2 * batch, size, labels))
+        checks["eval_coded_bytes"] = metrics["eval_coded_bytes"]
+        repo = os.path.join(scratch, f"{name}-repo")
+        kept.save_model(repo)
+        checks["saved_bytes"] = os.path.getsize(os.path.join(repo, "epr_weights.safetensors"))
+        checks["eval_bytes_equal_file"] = checks["eval_coded_bytes"] == checks["saved_bytes"]
+        on_device = digest(epr.integer_latents())
+        on_cpu = EPRModel.from_pretrained(repo)  # loads on the CPU
+        checks["cpu_latents_equal_gpu"] = digest(on_cpu.integer_latents()) == on_device
+        x = images(4, size, labels).columns["pixel_values"]
+        with torch.no_grad():
+            epr.eval()
+            expected = epr(pixel_values=x.to(device)).logits.float().cpu()
+            plain_dev = EPRCompressedForImageClassification.from_pretrained(repo, device_map=device)
+            got = plain_dev(pixel_values=x.to(device)).logits.float().cpu()
+            checks["device_map_max_logit_diff"] = float((got - expected).abs().max())
+            half = EPRCompressedForImageClassification.from_pretrained(repo, device_map=device, dtype=torch.bfloat16)
+            checks["bf16_load_dtype"] = str(half.dtype)
+        fp32 = os.path.join(scratch, f"{name}-fp32")
+        EPRCompressedForImageClassification.from_pretrained(repo).save_pretrained(fp32)
+        if not args.no_load_times:
+            repeats = 1 if args.small else 2
+            checks["plain_load_s"] = round(load_seconds("epr", repo, repeats), 3)
+            checks["fp32_load_s"] = round(load_seconds("fp32", fp32, repeats), 3)
+            checks["load_ratio"] = round(checks["plain_load_s"] / checks["fp32_load_s"], 2)
+            checks["wrapper_load_s"] = round(load_seconds("epr-wrapper", repo, 1), 3)
+            checks["wrapper_over_plain"] = round(checks["wrapper_load_s"] / checks["plain_load_s"], 2)
+        log(f"{name} checks: {checks}")
+    except Exception as err:  # noqa: BLE001
+        checks["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        log(f"{name} checks FAILED\n{traceback.format_exc()}")
+    return rows, checks
+
+
+def fsdp_worker(out: str, small: bool) -> None:
+    """Run under ``accelerate launch`` with FSDP2: a few EPRTrainer steps, save, and the latents' digest."""
+    torch.manual_seed(0)
+    base = AutoModelForImageClassification.from_config(MODELS["resnet50"][1]()).eval()
+    model = EPRModel.from_base(base, EPRConfig(rate_lambda=0.5))
+    args = EPRTrainingArguments(output_dir=out, max_steps=6, per_device_train_batch_size=8, report_to="none",
+                                save_strategy="no", logging_steps=3, disable_tqdm=True, label_preservation="off")
+    trainer = EPRTrainer(model=model, args=args, train_dataset=images(64, 32, 10))
+    trainer.train()
+    trainer.save_model(os.path.join(out, "repo"))
+    epr = trainer.accelerator.unwrap_model(trainer.model)
+    result = {"fsdp": trainer.is_fsdp_enabled, "parameter_type": type(next(trainer.model.parameters())).__name__,
+              "digest": digest(epr.integer_latents())}
+    if trainer.args.process_index == 0:
+        Path(out, "fsdp.json").write_text(json.dumps(result))
+
+
+def check_fsdp2(scratch: str, small: bool) -> dict:
+    out = os.path.join(scratch, "fsdp2")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate_fsdp2.yaml"),
+           "--num_processes", "1", "--main_process_port", "29561", __file__, "--fsdp-worker", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return {"fsdp2": "failed", "stderr": proc.stderr[-1500:]}
+    result = json.loads(Path(out, "fsdp.json").read_text())
+    result["reloaded_latents_equal"] = digest(EPRModel.from_pretrained(os.path.join(out, "repo")).integer_latents()) \
+        == result["digest"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny configs (CPU smoke run of the same code paths)")
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-load-times", action="store_true", help="skip the fresh-process load timings")
+    parser.add_argument("--compiled-models", nargs="*", default=["resnet50"],
+                        help="models also timed with the compiled quantizer (compiling takes about a minute)")
+    parser.add_argument("--out", default=None, help="also copy the results here (a folder)")
+    parser.add_argument("--fsdp-worker", metavar="DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.fsdp_worker:
+        return fsdp_worker(args.fsdp_worker, True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    log(f"device: {name}; torch {torch.__version__}")
+    steps, checks = [], []
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as scratch:
+        for model in args.models:
+            rows, check = check_model(model, args, device, scratch)
+            steps += rows
+            checks.append(check)
+        fsdp = check_fsdp2(scratch, args.small)
+        log(f"fsdp2: {fsdp}")
+    text = (f"Device: {name}; torch {torch.__version__}; batch {8 if args.small else 64}, "
+            f"{args.steps} timed steps after {args.warmup}; wall {time.time() - t0:.0f} s\n\n"
+            "## Step time: EPRTrainer vs plain Trainer\n\n" + markdown_table(steps)
+            + "\n\n## Rate term, coded size, saving and loading\n\n" + markdown_table(checks)
+            + "\n\n## FSDP2 through accelerate (one process)\n\n" + markdown_table([fsdp]) + "\n")
+    data = {"device": name, "torch": torch.__version__, "steps": steps, "checks": checks, "fsdp2": fsdp,
+            "args": vars(args)}
+    save_results("gpu_check", text, data, quick=args.small)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        Path(args.out, "gpu_check.md").write_text(text)
+        Path(args.out, "gpu_check.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
