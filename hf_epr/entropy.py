@@ -215,12 +215,11 @@ def grid_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], resol
         grad_log_step = -(weighted * hist.centers()).sum(1)  # d units / d log_step = -units
         grad_shift = -weighted.sum(1) / hist.step.float()  # d units / d shift = -1 / step
         per_latent = (slope / hist.step.float()[:, None]).reshape(-1)  # bits per weight unit
-    log_step = torch.cat([t.log_step for t in tensors])
-    total = total + (grad_log_step * (log_step - log_step.detach())).sum()
-    for t, g in zip(tensors, grad_shift.split([t.kind.num_groups for t in tensors])):
-        if t.shift is not None:
-            total = total + (g * (t.shift - t.shift.detach())).sum()
-    return total + _CellGradient.apply(hist.index, per_latent, *[t.z for t in tensors])
+    # a zero-valued term whose gradients are the slopes to the step sizes and shifts (kinds without shifts: zeros)
+    params = torch.cat([t.log_step for t in tensors]
+                       + [t.shift if t.shift is not None else torch.zeros_like(t.log_step) for t in tensors])
+    steering = torch.cat([grad_log_step, grad_shift]) @ (params - params.detach())
+    return total + steering + _CellGradient.apply(hist.index, per_latent, *[t.z for t in tensors])
 
 
 class _CellGradient(torch.autograd.Function):

@@ -73,19 +73,22 @@ class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, log_step: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         step = torch.exp(log_step)
-        x = step * round_latent((z - shift) / step if shift is not None else z / step)
+        x = (z - shift).div_(step) if shift is not None else z / step  # the same float ops as decode(), in place
+        x = x.round_().clamp_(-MAX_LATENT, MAX_LATENT).mul_(step)
         if shift is not None:
-            x = x + shift
+            x = x.add_(shift)
         ctx.save_for_backward(x - z)
-        ctx.log_step_shape, ctx.has_shift = log_step.shape, shift is not None
+        ctx.log_step_shape = log_step.shape
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (diff,) = ctx.saved_tensors
-        grad_log_step = (grad * diff).sum_to_size(ctx.log_step_shape)
-        grad_shift = torch.zeros(ctx.log_step_shape, dtype=grad.dtype, device=grad.device) if ctx.has_shift else None
-        return grad, grad_log_step, grad_shift
+        if math.prod(ctx.log_step_shape) == 1:  # one group: a dot product
+            grad_log_step = (grad.reshape(-1) @ diff.reshape(-1)).reshape(ctx.log_step_shape)
+        else:
+            grad_log_step = (grad * diff).sum_to_size(ctx.log_step_shape)
+        return grad, grad_log_step, None  # no gradient to the shift (None: zero)
 
 
 def _quantize(z: torch.Tensor, log_step: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
@@ -186,6 +189,8 @@ class DecoderKind:
 
     def group_view(self, values: torch.Tensor) -> torch.Tensor:
         """Per-group ``values`` (G,) spread over the elements (a tensor that broadcasts against the shape)."""
+        if self.num_groups == 1:
+            return values  # shape (1,) broadcasts as it is: no indexing kernel
         return values[self.pattern(values.device)]
 
     def params_split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
