@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -15,7 +16,8 @@ import torch
 import hf_epr.format.container as container
 from hf_epr import EPRConfig, EPRError, EPRFormatError, EPRModel
 from hf_epr.format import WEIGHTS_NAME, decode_state_dict, file_size_report
-from hf_epr.format.coders import quantize_pmf
+from hf_epr.format.coders import histogram_table, quantize_pmf
+from hf_epr.format.decoders import DECODER_KINDS, AffineKind
 from hf_epr.format.container import (CodedGroup, Container, decode_latents, digest_of, encode_groups,
                                      parse_container, safetensors_bytes, table_counts, varints)
 from hf_epr.testing import tiny_inputs, tiny_model, train_a_few_steps
@@ -64,7 +66,7 @@ def test_roundtrip_with_escapes():
     assert torch.allclose(state["a.weight"], 0.01 * torch.from_numpy(c.groups[0].values).float().view(20, 15))
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_golden_vector(version):
     """Files committed by earlier versions must decode to the committed integers, forever; the encoder
     writes the current version's golden bytes exactly."""
@@ -76,31 +78,34 @@ def test_golden_vector(version):
     assert [a.tolist() for a in latents] == expected["latents"]
     state = decode_state_dict(meta, arrays)
     assert state["b.bias"].tolist() == [1.0, -2.0, 0.5]
-    if version == 2:
+    if version == 3:
         assert data == small_container().to_bytes(), "the encoder no longer writes the golden bytes"
 
 
 def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch):
     c = small_container()
-    c.groups += [CodedGroup(-3, quantize_pmf(np.ones(8), 16), np.arange(-3, 4, dtype=np.int32).repeat(30))]
-    c.tensors.append({"name": "c.weight", "shape": [210], "kind": "affine", "groups": [2], "params": 4})
-    c.params += [0.0, 0.0]
-    monkeypatch.setattr(container, "STREAM_SYMBOLS", 250)  # 712 symbols -> 3 streams of whole groups
+    peaked = np.round(np.random.default_rng(1).laplace(0, 1.0, 210)).astype(np.int32)
+    uniform = np.random.default_rng(2).integers(-500, 500, 3000).astype(np.int32)  # stored bit-packed
+    c.groups += [CodedGroup(*histogram_table(peaked, 16, 64), peaked), CodedGroup(*histogram_table(uniform, 16, 64), uniform)]
+    c.tensors += [{"name": "c.weight", "shape": [210], "kind": "affine", "groups": [2], "params": 4},
+                  {"name": "d.weight", "shape": [3000], "kind": "affine", "groups": [3], "params": 6}]
+    c.params += [0.0, 0.0, 0.0, 0.0]
+    monkeypatch.setattr(container, "STREAM_SYMBOLS", 250)  # 712 entropy-coded symbols -> 3 streams of whole groups
     meta, arrays = parse_container(c.to_bytes())
-    assert [n for _, n in meta["streams"]] == [1, 1, 1]
+    assert [n for _, n in meta["streams"]] == [1, 1, 1] and [g[4] for g in meta["groups"]] == [0, 0, 0, 1]
     for processes in (1, 2, 3):
         latents = decode_latents(meta, arrays, processes=processes)
         assert all(np.array_equal(a, g.values) for a, g in zip(latents, c.groups))
 
     parent = os.getpid()
-    real = container._decode_symbols
+    real = container._decode_stream
 
     def fails_in_child(*args):
         if os.getpid() != parent:
             raise RuntimeError("boom")
         return real(*args)
 
-    monkeypatch.setattr(container, "_decode_symbols", fails_in_child)
+    monkeypatch.setattr(container, "_decode_stream", fails_in_child)
     with pytest.raises(EPRFormatError, match="decoding process failed"):
         decode_latents(meta, arrays, processes=2)
     monkeypatch.setenv("HF_EPR_DECODE_PROCESSES", "two")
@@ -108,9 +113,12 @@ def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch):
         decode_latents(meta, arrays)
 
 
+GOLDEN_V2 = (DATA / "golden_v2.safetensors").read_bytes()  # the base of crafted version 2 files
+
+
 def test_description_must_be_small_and_present():
     from safetensors.numpy import load
-    arrays = load(small_container().to_bytes())
+    arrays = load(GOLDEN_V2)
     bomb = dict(arrays, meta=np.frombuffer(zlib.compress(b" " * (80 << 20), 9), np.uint8))  # 80 MiB of JSON
     with pytest.raises(EPRFormatError, match="larger than"):
         parse_container(with_checksum(bomb))
@@ -138,8 +146,63 @@ CRAFTED = {
 @pytest.mark.parametrize("case", sorted(CRAFTED))
 def test_crafted_bad_metadata(case):
     with pytest.raises(EPRFormatError):
-        meta, arrays = parse_container(rewrite(small_container().to_bytes(), CRAFTED[case]))
+        meta, arrays = parse_container(rewrite(GOLDEN_V2, CRAFTED[case]))
         decode_latents(meta, arrays)
+
+
+def blob_file(blob: bytes, extra: dict | None = None) -> bytes:
+    """A version 3 file around ``blob`` (after the magic and the checksum) with a valid checksum (crafted)."""
+    data = bytearray(safetensors_bytes({"epr": np.frombuffer(container.MAGIC + bytes(32) + blob, np.uint8),
+                                        **(extra or {})}))
+    start = 8 + int.from_bytes(data[:8], "little") + len(container.MAGIC)
+    data[start: start + 32] = hashlib.sha256(data).digest()
+    return bytes(data)
+
+
+def blob_of(data: bytes) -> bytes:
+    from safetensors.numpy import load
+    return load(data)["epr"].tobytes()[len(container.MAGIC) + 32:]
+
+
+def deflated(text: bytes) -> bytes:
+    d = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return d.compress(text) + d.flush()
+
+
+def crafted_v3(edit) -> bytes:
+    """A version 3 file written from the small container after ``edit(container)``."""
+    c = small_container()
+    edit(c)
+    return c.to_bytes()
+
+
+def test_version_3_rejects_crafted_files(monkeypatch):
+    bomb = deflated(b"\x00" * (80 << 20))
+    cases = {
+        "description bomb": blob_file(bytes([len(bomb) & 0x7F | 0x80, len(bomb) >> 7 & 0x7F | 0x80,
+                                             len(bomb) >> 14]) + bomb),
+        "description longer than the file": blob_file(b"\xff\xff\x07" + bytes(10)),
+        "description not deflate": blob_file(b"\x04" + b"junk"),
+        "sections cut off": blob_file(blob_of(small_container().to_bytes())[:-6]),
+        "shape disagrees with groups": crafted_v3(lambda c: c.tensors[0].update(shape=[20, 16])),
+        "absurd shape": crafted_v3(lambda c: c.tensors[2].update(shape=[1 << 31, 1 << 31, 1 << 31])),
+    }
+    cases["a second tensor"] = blob_file(blob_of(small_container().to_bytes()), {"other": np.zeros(4, np.uint8)})
+    monkeypatch.setitem(DECODER_KINDS, "zip", AffineKind)  # written under a kind this reader will not know
+    cases["unknown kind"] = crafted_v3(lambda c: c.tensors[0].update(kind="zip"))
+    monkeypatch.delitem(DECODER_KINDS, "zip")
+    for name, data in cases.items():
+        with pytest.raises(EPRFormatError):
+            meta, arrays = parse_container(data)
+            decode_latents(meta, arrays)
+            pytest.fail(f"{name}: read without error")
+
+
+def test_the_lean_container_costs_little_beyond_its_coded_bits():
+    c = small_container()
+    report = c.size_report()
+    coded = sum(g.ideal_bits(c.precision) for g in c.groups) / 8
+    assert report["total_bytes"] - coded - 12 - 16 <= 300  # 12 B raw floats, 16 B decoder parameters
 
 
 def test_truncated_and_flipped():

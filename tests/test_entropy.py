@@ -32,7 +32,7 @@ def test_exact_bits_equal_one_density_call_per_latent(family):
     assert model.exact_bits() == pytest.approx(float(exact.detach()), rel=1e-6)
     # after fitting, the estimate is close to the real coded latents (the file's histogram tables)
     c = model.to_container()
-    assert 0.9 < model.exact_bits() / sum(g.ideal_bits(c.precision) for g in c.groups) < 1.25
+    assert 0.9 < model.exact_bits() / sum(g.entropy_bits(c.precision) for g in c.groups) < 1.25
 
 
 def test_noise_relaxation_tracks_exact_bits_and_reaches_every_parameter():

@@ -117,4 +117,4 @@ def test_repos_saved_without_a_density_refit_it(tmp_path):
     (tmp_path / DENSITY_NAME).unlink()
     again = EPRModel.from_pretrained(tmp_path)
     c = again.to_container()
-    assert 0.9 < again.exact_bits() / sum(g.ideal_bits(c.precision) for g in c.groups) < 1.25
+    assert 0.9 < again.exact_bits() / sum(g.entropy_bits(c.precision) for g in c.groups) < 1.25

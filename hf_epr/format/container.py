@@ -1,25 +1,25 @@
 """The coded weights file (``epr_weights.safetensors``): layout, writing, reading and validation, side by side.
 
-Layout (format version 2), one safetensors file, all little-endian:
+Format version 3: one safetensors file holding one uint8 tensor ``epr`` (little-endian throughout):
 
-* ``meta``    uint8: the JSON description (groups, tensors, precision, coder), zlib-compressed;
-* ``coded``   uint32 words of the entropy-coded streams holding every integer latent, group by group (one
-  stream, or several listed in the description's ``streams`` as [n_words, n_groups], decodable in parallel);
-* ``tables``  uint8 LEB128 varints: the symbol counts of every group's table, concatenated (see ``coders``);
-* ``escapes`` int32 values of latents outside their table's range, in coding order (absent when none);
-* ``params``  float32 decoder parameters (see ``decoders``);
-* ``raw.<dtype>`` raw tensors and buffers of one dtype, concatenated.
+* a varint length and the raw-deflated binary description: precision, coder, decoder kinds, raw dtypes, the
+  streams as [n_words, n_groups], every group as (mode, lo, n_symbols or bit width, n_latents), every tensor as
+  (name, aliases, kind, shape, dtype or kind layout), the escape count, and the symbol counts of the tables as
+  LEB128 varints (see ``coders``). Groups, decoder parameters and raw tensors belong to the tensors in order.
+* then, each aligned to its item size: the float32 decoder parameters, the int32 escaped values, the uint32 words
+  of the entropy-coded streams (mode 0 groups, group by group; several streams decode in parallel), the raw
+  tensors by dtype, and the bit-packed groups (mode 1: fixed-width integers, for nearly uniform groups where
+  packing is within ``PACK_TOLERANCE`` of entropy coding and decodes far faster), padded with 8 zero bytes.
 
-The safetensors metadata holds ``format`` ("hf_epr") and ``epr_sha256``, the sha256 of the whole file with
-that digest replaced by 64 zeros. Version 1 files (the JSON as the metadata entry ``epr``, always an
-``escapes`` tensor, range coded) are still read. Reading checks the checksum and validates every field before
-anything is decoded or allocated; it never unpickles or evaluates anything.
+The safetensors metadata holds ``format`` ("hf_epr") and ``epr_sha256``, the sha256 of the whole file with that
+digest replaced by 64 zeros. Versions 1 and 2 (a zlib-compressed JSON description, one safetensors tensor per
+section) are still read. Reading checks the checksum and validates every field before anything is decoded or
+allocated; it never unpickles or evaluates anything.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import math
 import mmap
@@ -32,13 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from .coders import ANS, coder, ideal_bits, symbols_of
+from .coders import ANS, coder, ideal_bits, pack_bits, packed_width, symbols_of, unpack_bits
 from .decoders import decoder_for_entry
 from .errors import EPRError, EPRFormatError
 
 FORMAT_NAME = "hf_epr"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+BLOB = "epr"
+MAGIC = b"EPR\x03"  # the blob of a version 3 file starts with this, then the sha256 of the file (zeroed)
+CODER_NAMES = {"ans": ANS}  # short names of the coders in version 3 descriptions
+PACK_TOLERANCE = 1.02  # a group is bit-packed when that takes at most 2% more bits than entropy coding it
 WEIGHTS_NAME = "epr_weights.safetensors"
 META_TENSOR = "meta"
 MAX_META_BYTES = 1 << 26  # 64 MiB of JSON
@@ -47,6 +51,8 @@ MAX_TENSOR_NUMEL = 1 << 32
 MAX_TOTAL_NUMEL = 1 << 34
 STREAM_SYMBOLS = 1 << 22  # about 0.1 s of decoding: files with more symbols get one stream per this many
 MAX_STREAMS = 16
+RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
+              "uint8": np.uint8}
 _DIGEST_RE = re.compile(rb'"epr_sha256":"([0-9a-f]{64})"')
 _SAFETENSORS_DTYPES = {np.dtype(k): v for k, v in [
     ("uint32", "U32"), ("uint16", "U16"), ("int32", "I32"), ("int64", "I64"), ("float32", "F32"),
@@ -60,13 +66,34 @@ _SAFETENSORS_DTYPES = {np.dtype(k): v for k, v in [
 
 @dataclass
 class CodedGroup:
-    """One group of integer latents with its table over [lo, lo + n_symbols - 2] + escape."""
+    """One group of integer latents, entropy coded with its table over [lo, lo + n_symbols - 2] + escape, or
+    bit-packed (``counts`` None, ``width`` bits above ``lo``)."""
 
     lo: int
-    counts: np.ndarray  # uint16, sum 2**precision, last entry = escape symbol
+    counts: np.ndarray | None  # uint16, sum 2**precision, last entry = escape symbol
     values: np.ndarray  # int32 latents in coding order
+    width: int | None = None
+
+    def packing(self, precision: int) -> tuple[int, int] | None:
+        """(lo, width) when the group is stored bit-packed, else None (entropy coded)."""
+        if self.counts is None:
+            return self.lo, self.width
+        if not self.values.size:
+            return None
+        lo, width = packed_width(self.values)
+        entropy_coded = (ideal_bits(self.lo, self.counts, self.values, precision)
+                         + 32 * symbols_of(self.lo, self.counts, self.values)[1].size + 8 * varints(self.counts).size)
+        return (lo, width) if width <= 32 and width * self.values.size <= PACK_TOLERANCE * entropy_coded else None
+
+    def entropy_bits(self, precision: int) -> float:
+        """-sum log2 p of the values under the group's table (however the group is stored)."""
+        return ideal_bits(self.lo, self.counts, self.values, precision)
 
     def ideal_bits(self, precision: int) -> float:
+        """The group's bits as stored: -sum log2 p under its table (entropy coded), or the packed bits."""
+        packing = self.packing(precision)
+        if packing is not None:
+            return float(packing[1] * self.values.size)
         return ideal_bits(self.lo, self.counts, self.values, precision)
 
 
@@ -89,34 +116,71 @@ class Container:
         return offset
 
     def to_bytes(self) -> bytes:
-        """Serialize: safetensors with the zlib-compressed JSON description as a tensor, and a checksum."""
-        words, escapes, streams = encode_groups(self.groups, self.precision, split_streams(self.groups))
-        offsets = np.cumsum([0] + [g.counts.size for g in self.groups])[:-1].tolist()
-        meta = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "precision": self.precision,
-            "coder": ANS,
-            "constriction": importlib.metadata.version("constriction"),
-            "n_escapes": int(escapes.size),
-            "groups": [[int(g.lo), int(g.counts.size), int(o), int(g.values.size)] for g, o in zip(self.groups, offsets)],
-            "tensors": self.tensors, **self.extra,
-        }
-        if len(streams) > 1:
-            meta["streams"] = streams
-        description = zlib.compress(json.dumps(meta, separators=(",", ":")).encode(), 9)
-        counts = np.concatenate([g.counts for g in self.groups]) if self.groups else np.zeros(0, np.int64)
-        arrays = {
-            META_TENSOR: np.frombuffer(description, np.uint8),
-            "coded": words,
-            "tables": varints(counts),
-            "params": np.asarray(self.params, np.float32),
-        }
-        if escapes.size:
-            arrays["escapes"] = escapes
-        for dtype, chunks in self.raw.items():
-            arrays[f"raw.{dtype}"] = np.concatenate(chunks)
-        data = safetensors_bytes(arrays, {"format": FORMAT_NAME, "epr_sha256": "0" * 64})
-        digest = digest_of(data).encode()
-        return data.replace(b'"epr_sha256":"' + b"0" * 64 + b'"', b'"epr_sha256":"' + digest + b'"', 1)
+        """Serialize (format version 3): one safetensors tensor holding the deflated binary description and the
+        sections, and a checksum."""
+        groups, params, raw = self._in_tensor_order()
+        packing = [g.packing(self.precision) for g in groups]
+        ans = [g for g, p in zip(groups, packing) if p is None]
+        words, escapes, streams = encode_groups(ans, self.precision, split_streams(ans))
+        kinds = sorted({t["kind"] for t in self.tensors if t["kind"] != "raw"})
+        dtypes = list(raw)
+        d = _Writer()
+        d.uints([FORMAT_VERSION, self.precision])
+        d.text("ans")
+        d.texts(kinds)
+        d.texts(dtypes)
+        d.uints([len(streams), *(n for stream in streams for n in stream), len(groups)])
+        packed = []
+        for g, p in zip(groups, packing):
+            if p is None:
+                d.uint(0)
+                d.sint(g.lo)
+                d.uints([g.counts.size, g.values.size, symbols_of(g.lo, g.counts, g.values)[1].size])
+            else:
+                d.uint(1)
+                d.sint(p[0])
+                d.uints([p[1], g.values.size])
+                packed.append(pack_bits(g.values, *p))
+        d.uint(len(self.tensors))
+        for t in self.tensors:
+            d.text(t["name"])
+            d.texts(t.get("aliases", []))
+            d.uints([0 if t["kind"] == "raw" else 1 + kinds.index(t["kind"]), len(t["shape"]), *t["shape"]])
+            if t["kind"] == "raw":
+                d.uint(dtypes.index(t["dtype"]))
+            else:
+                layout = decoder_for_entry(t).layout()
+                d.text(json.dumps(layout, separators=(",", ":")) if layout else "")
+        d.text(json.dumps(self.extra, separators=(",", ":")) if self.extra else "")
+        tables = varints(np.concatenate([g.counts for g in ans])) if ans else np.zeros(0, np.uint8)
+        d.uint(tables.size)
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+        description = deflater.compress(d.getvalue() + tables.tobytes()) + deflater.flush()
+        blob = _Writer()
+        blob.uint(len(description))
+        blob.raw(description)
+        for section in [np.asarray(params, np.float32), escapes, words, *(raw[k] for k in dtypes)]:
+            blob.align(section.dtype.itemsize)
+            blob.raw(np.ascontiguousarray(section).astype(section.dtype.newbyteorder("<"), copy=False).tobytes())
+        if packed:
+            blob.raw(b"".join(p.tobytes() for p in packed) + bytes(8))
+        data = bytearray(safetensors_bytes({BLOB: np.frombuffer(MAGIC + bytes(32) + blob.getvalue(), np.uint8)}))
+        start = 8 + int.from_bytes(data[:8], "little") + len(MAGIC)
+        data[start: start + 32] = hashlib.sha256(data).digest()  # of the file with these 32 bytes zero
+        return bytes(data)
+
+    def _in_tensor_order(self) -> tuple[list[CodedGroup], list[float], dict[str, np.ndarray]]:
+        """Groups, decoder parameters and raw values in the order of the tensors that own them (how version 3
+        files store them, with no offsets)."""
+        groups, params, raw = [], [], {}
+        for t in self.tensors:
+            if t["kind"] == "raw":
+                flat = np.concatenate(self.raw[t["dtype"]]) if len(self.raw[t["dtype"]]) > 1 else self.raw[t["dtype"]][0]
+                raw.setdefault(t["dtype"], []).append(flat[t["offset"]: t["offset"] + math.prod(t["shape"])])
+            else:
+                groups += [self.groups[g] for g in t["groups"]]
+                params += self.params[t["params"]: t["params"] + decoder_for_entry(t).num_params]
+        return groups, params, {k: np.concatenate(v) for k, v in raw.items()}
 
     @classmethod
     def from_arrays(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "Container":
@@ -124,10 +188,12 @@ class Container:
         counts = table_counts(arrays["tables"])
         latents = decode_latents(meta, arrays)
         c = cls(precision=meta["precision"], tensors=meta["tensors"], params=arrays["params"].tolist())
-        c.groups = [CodedGroup(lo, counts[off: off + n].astype(np.uint16), v)
-                    for (lo, n, off, _), v in zip(meta["groups"], latents)]
+        c.groups = [CodedGroup(lo, counts[off: off + n].astype(np.uint16), v) if mode == 0 else
+                    CodedGroup(lo, None, v, width=n)
+                    for (lo, n, off, _, mode), v in zip(meta["groups"], latents)]
         c.raw = {k.removeprefix("raw."): [v] for k, v in arrays.items() if k.startswith("raw.")}
-        known = ("format", "version", "precision", "coder", "constriction", "streams", "n_escapes", "groups", "tensors")
+        known = ("format", "version", "precision", "coder", "constriction", "streams", "n_escapes", "groups", "tensors",
+                 "group_escapes")
         c.extra = {k: v for k, v in meta.items() if k not in known}
         return c
 
@@ -150,9 +216,10 @@ class Container:
             else:
                 groups = [self.groups[g] for g in t["groups"]]
                 bits = sum(g.ideal_bits(self.precision) for g in groups)
+                coded = [g for g in groups if g.packing(self.precision) is None]
                 n_params = decoder_for_entry(t).num_params
-                n_escapes = sum(symbols_of(g.lo, g.counts, g.values)[1].size for g in groups)
-                table_bytes = varints(np.concatenate([g.counts for g in groups])).size
+                n_escapes = sum(symbols_of(g.lo, g.counts, g.values)[1].size for g in coded)
+                table_bytes = sum(varints(g.counts).size for g in coded)
                 nbytes = bits / 8 + table_bytes + 4 * (n_params + n_escapes)
             accounted += nbytes
             ideal += bits / 8
@@ -220,9 +287,9 @@ def encode_groups(groups: list[CodedGroup], precision: int, streams: list[int] |
             (np.concatenate(escapes) if escapes else np.zeros(0, np.int32)).astype(np.int32), table)
 
 
-def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
     """A safetensors file with a deterministic layout (sorted names, metadata first), so saves are byte-stable."""
-    header: dict[str, Any] = {"__metadata__": metadata}
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     chunks, pos = [], 0
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
@@ -261,9 +328,179 @@ def _umask() -> int:
     return mask
 
 
+class _Writer:
+    """Bytes of a version 3 description: LEB128 varints, zigzag for signed values, length-prefixed text."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def raw(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.size += len(data)
+
+    def uint(self, value: int) -> None:
+        out = bytearray()
+        while True:
+            byte, value = value & 0x7F, value >> 7
+            out.append(byte | (0x80 if value else 0))
+            if not value:
+                break
+        self.raw(bytes(out))
+
+    def uints(self, values) -> None:
+        for v in values:
+            self.uint(int(v))
+
+    def sint(self, value: int) -> None:
+        self.uint(2 * value if value >= 0 else -2 * value - 1)
+
+    def text(self, value: str) -> None:
+        data = value.encode()
+        self.uint(len(data))
+        self.raw(data)
+
+    def texts(self, values) -> None:
+        self.uint(len(values))
+        for v in values:
+            self.text(v)
+
+    def align(self, n: int) -> None:
+        self.raw(bytes(-self.size % n))
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading and validation
 # ---------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads a version 3 description; every malformed or out-of-range field is an EPRFormatError."""
+
+    def __init__(self, data: bytes | memoryview):
+        self.data, self.pos = data, 0
+
+    def uint(self, limit: int = MAX_TOTAL_NUMEL) -> int:
+        value = shift = 0
+        while True:
+            if self.pos >= len(self.data) or shift > 63:
+                raise EPRFormatError("the description is truncated or holds an overlong number")
+            byte = self.data[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if value > limit:
+            raise EPRFormatError(f"the description holds {value} where at most {limit} fits")
+        return value
+
+    def sint(self) -> int:
+        v = self.uint(1 << 33)
+        return v // 2 if v % 2 == 0 else -(v + 1) // 2
+
+    def text(self) -> str:
+        n = self.uint(1 << 20)
+        if self.pos + n > len(self.data):
+            raise EPRFormatError("the description is truncated inside a name")
+        try:
+            value = bytes(self.data[self.pos: self.pos + n]).decode()
+        except UnicodeDecodeError:
+            raise EPRFormatError("the description holds a name that is not UTF-8") from None
+        self.pos += n
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.text() for _ in range(self.uint(1 << 20))]
+
+
+def _parse_v3(blob: memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The description and the sections (views of ``blob``, no copy) of a version 3 file, in the form of the
+    earlier versions' (groups as [lo, n_symbols or width, table or bit offset, n_latents, mode])."""
+    head = _Reader(blob)
+    n = head.uint(MAX_META_BYTES)
+    if head.pos + n > len(blob):
+        raise EPRFormatError("the description is truncated")
+    inflater = zlib.decompressobj(-15)
+    try:
+        text = inflater.decompress(bytes(blob[head.pos: head.pos + n]), MAX_META_BYTES)
+    except zlib.error as err:
+        raise EPRFormatError(f"the description is corrupt ({err})") from None
+    if inflater.unconsumed_tail or inflater.unused_data or not inflater.eof:
+        raise EPRFormatError(f"the description is truncated, followed by stray bytes or larger than {MAX_META_BYTES} bytes")
+    r, offset = _Reader(text), head.pos + n
+    version, precision, coder_name = r.uint(), r.uint(16), r.text()
+    if version != 3:
+        raise EPRFormatError(f"a version 3 container says version {version}")
+    kinds, dtypes = r.texts(), r.texts()
+    streams = [[r.uint(), r.uint()] for _ in range(r.uint(1 << 20))]
+    groups, group_escapes, table_offset, bit_offset = [], [], 0, 0
+    for _ in range(r.uint(MAX_TENSOR_NUMEL)):
+        mode, lo = r.uint(1), r.sint()
+        n_sym, count = r.uint(1 << 17 if mode == 0 else 32), r.uint(MAX_TENSOR_NUMEL)
+        group_escapes.append(r.uint(count) if mode == 0 else 0)
+        groups.append([lo, n_sym, table_offset if mode == 0 else bit_offset, count, mode])
+        if mode == 0:
+            table_offset += n_sym
+        else:
+            bit_offset += -(-n_sym * count // 8) * 8  # packed groups start on a byte
+    tensors, next_group, next_param, raw_sizes = [], 0, 0, {k: 0 for k in dtypes}
+    for _ in range(r.uint(MAX_TENSOR_NUMEL)):
+        t = {"name": r.text(), "aliases": r.texts()}
+        kind = r.uint(len(kinds))
+        t["shape"] = [r.uint(MAX_TENSOR_NUMEL) for _ in range(r.uint(8))]
+        if kind == 0:
+            dtype = dtypes[min(r.uint(), len(dtypes) - 1)] if dtypes else None
+            if dtype is None:
+                raise EPRFormatError("a raw tensor names a dtype the file does not list")
+            t.update(kind="raw", dtype=dtype, offset=raw_sizes[dtype])
+            raw_sizes[dtype] += math.prod(t["shape"])
+        else:
+            layout = r.text()
+            try:
+                t.update(json.loads(layout) if layout else {})
+            except ValueError:
+                raise EPRFormatError(f"{t['name']}: its layout is not JSON") from None
+            t["kind"] = kinds[kind - 1]
+            spec = decoder_for_entry(t)
+            t.update(groups=list(range(next_group, next_group + spec.num_groups)), params=next_param)
+            next_group, next_param = next_group + spec.num_groups, next_param + spec.num_params
+        tensors.append(t)
+    n_escapes, extra = sum(group_escapes), r.text()
+    n_tables = r.uint()
+    if r.pos + n_tables != len(text):
+        raise EPRFormatError("the description's tables do not end where the description does")
+    meta = {"format": FORMAT_NAME, "version": 3, "precision": precision, "coder": CODER_NAMES.get(coder_name, coder_name),
+            "n_escapes": n_escapes, "groups": groups, "tensors": tensors, "group_escapes": group_escapes}
+    if len(streams) > 1:
+        meta["streams"] = streams
+    try:
+        meta.update(json.loads(extra) if extra else {})
+    except ValueError:
+        raise EPRFormatError("the description's extra entries are not JSON") from None
+    arrays = {"tables": np.frombuffer(text, np.uint8, n_tables, r.pos)}
+    sizes = [("params", np.float32, next_param), ("escapes", np.int32, n_escapes),
+              ("coded", np.uint32, sum(w for w, _ in streams))]
+    for k in dtypes:
+        if k not in RAW_DTYPES:
+            raise EPRFormatError(f"raw dtype {k!r} is not one this reader knows: {sorted(RAW_DTYPES)}")
+        sizes.append((f"raw.{k}", RAW_DTYPES[k], raw_sizes[k]))
+    for name, dtype, count in sizes:
+        dtype = np.dtype(dtype).newbyteorder("<")
+        offset += -offset % dtype.itemsize
+        if offset + count * dtype.itemsize > len(blob):
+            raise EPRFormatError(f"the file is too short for its '{name}' section")
+        arrays[name] = np.frombuffer(blob, dtype, count, offset)
+        offset += count * dtype.itemsize
+    arrays["packed"] = np.frombuffer(blob, np.uint8, len(blob) - offset, offset)
+    if bit_offset and arrays["packed"].size < bit_offset // 8 + 8:
+        raise EPRFormatError("the file is too short for its packed groups")
+    return meta, arrays
+
+
 
 
 def digest_of(data: bytes) -> str:
@@ -292,18 +529,32 @@ def parse_container(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]
     n = _header_length(data)
     try:
         header = json.loads(data[8: 8 + n])
-        stored = header["__metadata__"]["epr_sha256"]
+        stored = None if BLOB in header else header["__metadata__"]["epr_sha256"]
     except (ValueError, KeyError, TypeError) as err:
         raise EPRFormatError(f"the file's header is not an hf_epr header ({err!r}); was it written by hf_epr?") from None
-    if digest_of(data) != stored:
-        raise EPRFormatError("checksum mismatch: the file is corrupt (a byte changed or it was truncated); "
-                             "download or save it again")
-    try:
-        from safetensors.numpy import load
-        arrays = load(data)
-    except Exception as err:  # safetensors raises its own error types
-        raise EPRFormatError(f"the safetensors payload is invalid: {err}") from None
-    meta = _description(header["__metadata__"], arrays)
+    if BLOB in header:  # version 3: one uint8 tensor, read in place
+        entry, size = header[BLOB], len(data) - 8 - n
+        if set(header) != {BLOB} or entry != {"dtype": "U8", "shape": [size], "data_offsets": [0, size]} \
+                or data[8 + n: 8 + n + len(MAGIC)] != MAGIC or size < len(MAGIC) + 32:
+            raise EPRFormatError("the file's header does not describe one hf_epr 'epr' byte tensor filling the file")
+        start = 8 + n + len(MAGIC)
+        if hashlib.sha256(b"".join([data[:start], bytes(32), data[start + 32:]])).digest() != data[start: start + 32]:
+            raise EPRFormatError("checksum mismatch: the file is corrupt (a byte changed or it was truncated); "
+                                 "download or save it again")
+        meta, arrays = _parse_v3(memoryview(data)[start + 32:])
+    else:  # versions 1 and 2
+        if digest_of(data) != stored:
+            raise EPRFormatError("checksum mismatch: the file is corrupt (a byte changed or it was truncated); "
+                                 "download or save it again")
+        try:
+            from safetensors.numpy import load
+            arrays = load(data)
+        except Exception as err:  # safetensors raises its own error types
+            raise EPRFormatError(f"the safetensors payload is invalid: {err}") from None
+        meta = _description(header["__metadata__"], arrays)
+        if isinstance(meta, dict) and isinstance(meta.get("groups"), list):
+            meta["groups"] = [[*g, 0] if isinstance(g, list) else g for g in meta["groups"]]  # all entropy coded
+        arrays["packed"] = np.zeros(0, np.uint8)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise EPRFormatError("the metadata does not describe an hf_epr file")
     if meta.get("version") not in READABLE_VERSIONS:
@@ -364,13 +615,21 @@ def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     _need(isinstance(groups, list), "'groups' must be a list")
     n_tables = len(table_counts(arrays["tables"]))
     total_latents = 0
+    packed_bits = 8 * max(0, arrays["packed"].size - 8)
     for g in groups:
-        _need(isinstance(g, list) and len(g) == 4 and all(_int(v, -(1 << 31), 1 << 34) for v in g),
-              f"group entry {g!r} must be [lo, n_symbols, table_offset, n_latents]")
-        lo, n_sym, off, count = g
-        _need(2 <= n_sym <= (1 << precision) and 0 <= off and off + n_sym <= n_tables,
-              f"group table [{off}, {off}+{n_sym}) is outside the {n_tables} stored counts")
+        _need(isinstance(g, list) and len(g) == 5 and all(_int(v, -(1 << 33), 1 << 34) for v in g),
+              f"group entry {g!r} must be [lo, n_symbols or width, offset, n_latents, mode]")
+        lo, n_sym, off, count, mode = g
         _need(0 <= count <= MAX_TENSOR_NUMEL, f"group latent count {count} is absurd")
+        if mode == 0:
+            _need(2 <= n_sym <= (1 << precision) and 0 <= off and off + n_sym <= n_tables,
+                  f"group table [{off}, {off}+{n_sym}) is outside the {n_tables} stored counts")
+            _need(-(1 << 31) <= lo <= (1 << 31) - n_sym, f"group range starting at {lo} does not fit int32")
+        else:
+            _need(mode == 1 and 0 <= n_sym <= 32 and off % 8 == 0 and off + n_sym * count <= packed_bits,
+                  f"packed group of {count} x {n_sym} bits at bit {off} is outside the packed section")
+            _need(-(1 << 31) <= lo and lo + (1 << n_sym) - 1 <= (1 << 31) - 1 if count else True,
+                  f"packed group starting at {lo} does not fit int32")
         total_latents += count
     tensors = meta.get("tensors")
     _need(isinstance(tensors, list), "'tensors' must be a list")
@@ -409,8 +668,9 @@ def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         _need(isinstance(streams, list) and streams and all(
             isinstance(x, list) and len(x) == 2 and _int(x[0]) and _int(x[1], 1) for x in streams),
             "'streams' must be a non-empty list of [n_words, n_groups]")
-        _need(sum(x[0] for x in streams) == arrays["coded"].size and sum(x[1] for x in streams) == len(groups),
-              "the streams do not cover the coded words and the groups exactly")
+        n_coded = sum(1 for g in groups if g[4] == 0)
+        _need(sum(x[0] for x in streams) == arrays["coded"].size and sum(x[1] for x in streams) == n_coded,
+              "the streams do not cover the coded words and the entropy-coded groups exactly")
     total_escapes = meta.get("n_escapes")
     _need(_int(total_escapes) and total_escapes == arrays["escapes"].size, "escape count disagrees with payload")
 
@@ -442,13 +702,27 @@ def stream_plan(meta: dict[str, Any], n_words: int) -> list[tuple[int, int, int,
     return plan
 
 
-def _decode_symbols(meta: dict[str, Any], words: np.ndarray, counts: np.ndarray, groups: range,
-                    starts: np.ndarray, out: np.ndarray) -> None:
-    """Decode the table indices of ``groups`` (one stream) into ``out`` at each group's start."""
-    tables = [(counts[off: off + n_sym], count) for _, n_sym, off, count in (meta["groups"][i] for i in groups)]
+def _decode_stream(meta: dict[str, Any], words: np.ndarray, counts: np.ndarray, groups: list[int],
+                   starts: np.ndarray, out: np.ndarray, escapes: dict[int, np.ndarray] | None) -> None:
+    """Decode the entropy-coded ``groups`` of one stream into ``out`` at each group's start: their values when
+    ``escapes`` gives each group's escaped values (version 3), else their table indices."""
+    tables = [(counts[off: off + n_sym], count) for _, n_sym, off, count, _ in (meta["groups"][i] for i in groups)]
     decoded = coder(meta.get("coder")).decode(words, tables, meta["precision"])
     for i, symbols in zip(groups, decoded):
-        out[starts[i]: starts[i] + symbols.size] = symbols
+        target = out[starts[i]: starts[i] + symbols.size]
+        target[:] = symbols
+        if escapes is not None:
+            _to_values(target, meta["groups"][i], escapes[i])
+
+
+def _to_values(target: np.ndarray, group: list[int], escaped: np.ndarray) -> None:
+    """Table indices -> values in place: add the table's start, put the escaped values where the escape symbol is."""
+    lo, n_sym = group[0], group[1]
+    esc = target == n_sym - 1
+    if int(esc.sum()) != escaped.size:
+        raise EPRFormatError("a coded group holds a different number of escapes than the file")
+    target += np.int32(lo)
+    target[esc] = escaped
 
 
 def decode_processes() -> int:
@@ -467,41 +741,55 @@ def decode_processes() -> int:
 
 def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
                    processes: int | None = None) -> list[np.ndarray]:
-    """Decode every group's integer latents (int32), in group order; the streams of a multi-stream file
-    are decoded by up to ``processes`` processes at once (default: :func:`decode_processes`)."""
+    """Decode every group's integer latents (int32), in group order. The streams and the packed groups of a file
+    are decoded by up to ``processes`` processes at once (default: :func:`decode_processes`), each writing final
+    values (escapes included, for version 3 files) into one shared buffer."""
     precision, groups = meta["precision"], meta["groups"]
     coder(meta.get("coder"))  # an unknown coder is a format error, before any work
     counts = table_counts(arrays["tables"])
-    for lo, n_sym, off, count in groups:
+    for lo, n_sym, off, count, mode in groups:
         table = counts[off: off + n_sym]
-        if count and (int(table.sum()) != (1 << precision) or table.min() == 0):
+        if mode == 0 and count and (int(table.sum()) != (1 << precision) or table.min() == 0):
             raise EPRFormatError("a stored table does not sum to 2**precision or has a zero count")
     sizes = np.array([g[3] for g in groups], np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     total = int(starts[-1])
-    plan = stream_plan(meta, arrays["coded"].size)
-    processes = min(len(plan), decode_processes() if processes is None else processes)
+    coded = [i for i, g in enumerate(groups) if g[4] == 0]
+    escapes = None
+    if "group_escapes" in meta:  # version 3: every group knows its escapes, so the workers finish the values
+        bounds = np.concatenate([[0], np.cumsum(meta["group_escapes"])])
+        escapes = {i: arrays["escapes"][bounds[i]: bounds[i + 1]] for i in coded}
+    jobs = [(w1 - w0, "stream", (w0, w1, [coded[g] for g in range(g0, g1)]))
+            for w0, w1, g0, g1 in stream_plan({**meta, "groups": coded}, arrays["coded"].size)]
+    jobs += [(groups[i][3] // 8, "packed", i) for i, g in enumerate(groups) if g[4] == 1]
+    jobs.sort(key=lambda job: -job[0])
+    processes = max(1, min(len(jobs), decode_processes() if processes is None else processes))
     # with several processes: an anonymous shared mapping (freed with the last array that views it)
     shared = mmap.mmap(-1, max(4 * total, 1)) if processes > 1 else None
-    symbols = np.frombuffer(shared, np.int32, total) if shared is not None else np.empty(total, np.int32)
+    out = np.frombuffer(shared, np.int32, total) if shared is not None else np.empty(total, np.int32)
 
-    def run(jobs: list[tuple[int, int, int, int]]) -> None:
-        for w0, w1, g0, g1 in jobs:
-            _decode_symbols(meta, arrays["coded"][w0:w1], counts, range(g0, g1), starts, symbols)
+    def run(share: list) -> None:
+        for _, what, job in share:
+            if what == "stream":
+                w0, w1, ids = job
+                _decode_stream(meta, arrays["coded"][w0:w1], counts, ids, starts, out, escapes)
+            else:
+                lo, width, bit, count, _ = groups[job]
+                unpack_bits(arrays["packed"], bit, width, count, out[starts[job]: starts[job] + count], lo)
 
     children = []
     try:
         for k in range(1, processes):
             pid = os.fork()
-            if pid == 0:  # child: decode its share of the streams into the shared buffer, then leave at once
+            if pid == 0:  # child: decode its share into the shared buffer, then leave at once
                 code = 1
                 try:
-                    run(plan[k::processes])
+                    run(jobs[k::processes])
                     code = 0
                 finally:
                     os._exit(code)
             children.append(pid)
-        run(plan[0::processes])
+        run(jobs[0::processes])
     except EPRFormatError:
         raise
     except Exception as err:
@@ -510,19 +798,15 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
         failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
     if failed:
         raise EPRFormatError("the coded stream is corrupt: a decoding process failed")
-
-    escapes, used, out = arrays["escapes"], 0, []
-    for (lo, n_sym, _, count), start in zip(groups, starts):
-        values = symbols[start: start + count]
-        esc = values == n_sym - 1
-        values += np.int32(lo)
-        k = int(esc.sum())
-        if k:
-            if used + k > escapes.size:
+    values = [out[starts[i]: starts[i + 1]] for i in range(len(groups))]
+    if escapes is None:  # versions 1 and 2: the escapes of each group follow from the decoded symbols
+        used = 0
+        for i in coded:
+            k = int((values[i] == groups[i][1] - 1).sum())
+            if used + k > arrays["escapes"].size:
                 raise EPRFormatError("the coded stream needs more escaped values than the file holds")
-            values[esc] = escapes[used: used + k]
+            _to_values(values[i], groups[i], arrays["escapes"][used: used + k])
             used += k
-        out.append(values)
-    if used != escapes.size:
-        raise EPRFormatError("the file holds escaped values that the coded stream does not use")
-    return out
+        if used != arrays["escapes"].size:
+            raise EPRFormatError("the file holds escaped values that the coded stream does not use")
+    return values
