@@ -1,6 +1,7 @@
 """Entropy coders and their integer tables.
 
-A table is a list of integer counts summing to ``2**precision``, every symbol at least 1, for the values
+A table is a list of integer counts summing to a power of two (``2**precision`` at most; smaller for small
+groups, whose probabilities need fewer bits), every symbol at least 1, for the values
 ``[lo, lo + n - 2]`` followed by one escape symbol (values outside that range are stored verbatim). The file
 stores the tables; decoding reads them and never recomputes probabilities from floats, so it is bit-exact.
 
@@ -16,11 +17,12 @@ import numpy as np
 from .errors import EPRFormatError
 
 
-def categorical(counts: np.ndarray, precision: int):
-    """The constriction model of one stored integer table (exact dyadic floats, ``perfect=False``)."""
+def categorical(counts: np.ndarray, precision: int | None = None):
+    """The constriction model of one stored integer table (exact dyadic floats: its counts over their sum, a power
+    of two; ``perfect=False``)."""
     import constriction
 
-    probs = np.asarray(counts, np.float64) / float(1 << precision)
+    probs = np.asarray(counts, np.float64) / float(np.asarray(counts, np.int64).sum())
     return constriction.stream.model.Categorical(probs, perfect=False)
 
 
@@ -114,13 +116,19 @@ def table_support(values: np.ndarray, max_symbols: int) -> tuple[int, int]:
     return lo, hi
 
 
+def table_precision(n_values: int, n_symbols: int, precision: int) -> int:
+    """Bits of a group's table: about 4 counts per value (finer probabilities cannot matter for so few values,
+    and smaller counts take fewer bytes in the file), enough for every symbol, at most ``precision``."""
+    return max(1, min(precision, max(int(n_values).bit_length() + 2, int(n_symbols).bit_length() + 1)))
+
+
 def histogram_table(values: np.ndarray, precision: int, max_symbols: int) -> tuple[int, np.ndarray]:
     """(lo, counts): the table of a group's integer values from their own histogram (the cheapest code for
     exactly these values), with the values outside [lo, lo + n - 2] counted on the escape symbol."""
     lo, hi = table_support(values, max_symbols)
     hist = np.bincount(np.clip(values.astype(np.int64) - lo, 0, hi - lo + 1), minlength=hi - lo + 2)
     hist[-1] = int(((values < lo) | (values > hi)).sum())
-    return lo, quantize_pmf(hist, precision)
+    return lo, quantize_pmf(hist, table_precision(values.size, hist.size, precision))
 
 
 def symbols_of(lo: int, counts: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +146,7 @@ def ideal_bits(lo: int, counts: np.ndarray, values: np.ndarray, precision: int) 
     if not values.size:
         return 0.0
     symbols, _ = symbols_of(lo, counts, values)
-    return -float(np.log2(counts[symbols].astype(np.float64) / (1 << precision)).sum())
+    return -float(np.log2(counts[symbols].astype(np.float64) / float(np.asarray(counts, np.int64).sum())).sum())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ Format version 3: one safetensors file holding one uint8 tensor ``epr`` (little-
   tensors by dtype, and the bit-packed groups (mode 1: fixed-width integers, for nearly uniform groups where
   packing is within ``PACK_TOLERANCE`` of entropy coding and decodes far faster), padded with 8 zero bytes.
 
-The safetensors metadata holds ``format`` ("hf_epr") and ``epr_sha256``, the sha256 of the whole file with that
-digest replaced by 64 zeros. Versions 1 and 2 (a zlib-compressed JSON description, one safetensors tensor per
-section) are still read. Reading checks the checksum and validates every field before anything is decoded or
+The blob starts with the magic bytes ``EPR\x03`` and the CRC-32 of the whole file (computed with those 4 bytes
+zero). Versions 1 and 2 (a zlib-compressed JSON description, one safetensors tensor per section, and a sha256 in
+the safetensors metadata) are still read. Reading checks the checksum and validates every field before anything is decoded or
 allocated; it never unpickles or evaluates anything.
 """
 
@@ -40,7 +40,8 @@ FORMAT_NAME = "hf_epr"
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 BLOB = "epr"
-MAGIC = b"EPR\x03"  # the blob of a version 3 file starts with this, then the sha256 of the file (zeroed)
+MAGIC = b"EPR\x03"  # the blob of a version 3 file starts with this, then the CRC-32 of the file (zeroed)
+CHECKSUM_BYTES = 4
 CODER_NAMES = {"ans": ANS}  # short names of the coders in version 3 descriptions
 PACK_TOLERANCE = 1.02  # a group is bit-packed when that takes at most 2% more bits than entropy coding it
 WEIGHTS_NAME = "epr_weights.safetensors"
@@ -164,9 +165,10 @@ class Container:
             blob.raw(np.ascontiguousarray(section).astype(section.dtype.newbyteorder("<"), copy=False).tobytes())
         if packed:
             blob.raw(b"".join(p.tobytes() for p in packed) + bytes(8))
-        data = bytearray(safetensors_bytes({BLOB: np.frombuffer(MAGIC + bytes(32) + blob.getvalue(), np.uint8)}))
+        data = bytearray(safetensors_bytes({BLOB: np.frombuffer(MAGIC + bytes(CHECKSUM_BYTES) + blob.getvalue(),
+                                                                 np.uint8)}))
         start = 8 + int.from_bytes(data[:8], "little") + len(MAGIC)
-        data[start: start + 32] = hashlib.sha256(data).digest()  # of the file with these 32 bytes zero
+        data[start: start + CHECKSUM_BYTES] = zlib.crc32(data).to_bytes(CHECKSUM_BYTES, "little")  # field zeroed
         return bytes(data)
 
     def _in_tensor_order(self) -> tuple[list[CodedGroup], list[float], dict[str, np.ndarray]]:
@@ -535,13 +537,14 @@ def parse_container(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]
     if BLOB in header:  # version 3: one uint8 tensor, read in place
         entry, size = header[BLOB], len(data) - 8 - n
         if set(header) != {BLOB} or entry != {"dtype": "U8", "shape": [size], "data_offsets": [0, size]} \
-                or data[8 + n: 8 + n + len(MAGIC)] != MAGIC or size < len(MAGIC) + 32:
+                or data[8 + n: 8 + n + len(MAGIC)] != MAGIC or size < len(MAGIC) + CHECKSUM_BYTES:
             raise EPRFormatError("the file's header does not describe one hf_epr 'epr' byte tensor filling the file")
-        start = 8 + n + len(MAGIC)
-        if hashlib.sha256(b"".join([data[:start], bytes(32), data[start + 32:]])).digest() != data[start: start + 32]:
+        start, end = 8 + n + len(MAGIC), 8 + n + len(MAGIC) + CHECKSUM_BYTES
+        crc = zlib.crc32(data[end:], zlib.crc32(bytes(CHECKSUM_BYTES), zlib.crc32(data[:start])))
+        if crc.to_bytes(CHECKSUM_BYTES, "little") != data[start: end]:
             raise EPRFormatError("checksum mismatch: the file is corrupt (a byte changed or it was truncated); "
                                  "download or save it again")
-        meta, arrays = _parse_v3(memoryview(data)[start + 32:])
+        meta, arrays = _parse_v3(memoryview(data)[end:])
     else:  # versions 1 and 2
         if digest_of(data) != stored:
             raise EPRFormatError("checksum mismatch: the file is corrupt (a byte changed or it was truncated); "
@@ -748,9 +751,9 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     coder(meta.get("coder"))  # an unknown coder is a format error, before any work
     counts = table_counts(arrays["tables"])
     for lo, n_sym, off, count, mode in groups:
-        table = counts[off: off + n_sym]
-        if mode == 0 and count and (int(table.sum()) != (1 << precision) or table.min() == 0):
-            raise EPRFormatError("a stored table does not sum to 2**precision or has a zero count")
+        table, total = counts[off: off + n_sym], int(counts[off: off + n_sym].sum())
+        if mode == 0 and count and (total & (total - 1) or total > (1 << precision) or table.min() == 0):
+            raise EPRFormatError("a stored table does not sum to a power of two up to 2**precision, or has a zero count")
     sizes = np.array([g[3] for g in groups], np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     total = int(starts[-1])
