@@ -1,18 +1,20 @@
-"""Codec benchmark: decode throughput and peak memory of from_pretrained (compressed vs fp32), and coded size
-vs the ideal size under the stored tables, per architecture family.
+"""Codec benchmark: time and peak memory of from_pretrained (compressed vs fp32), and coded size vs the ideal
+size under the stored tables, per architecture family.
 
-    python benchmarks/core_codec.py            # full: ResNets of ~1 M, ~5 M and ~25 M parameters
+    python benchmarks/core_codec.py            # full: ResNets of ~1 M, ~5 M, ResNet-50 (25 M), ViT-B/16 (86 M)
     python benchmarks/core_codec.py --quick    # smoke run (small models only)
 
 Each load runs in a fresh subprocess (so peak RSS is that load's own). Models are randomly initialised and
-wrapped with a coarse initial step (``init_step_ratio=0.25``, about 4 bits per parameter, the entropy of a
-model after EPR training), so the symbols have a trained model's statistics without a training run.
+wrapped, for two kinds of file: "trained-like" with a coarse step (``init_step_ratio=0.25``, about 4 bits per
+parameter, the entropy of a model after EPR training, entropy coded) and "escape-heavy" with the default fine
+step (about 13 bits per parameter over ranges wider than a table, as right after wrapping: bit-packed).
 Writes ``benchmarks/results/core_codec.{md,json}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -20,16 +22,23 @@ import sys
 import tempfile
 
 import torch
-from transformers import AutoModelForImageClassification, ResNetConfig
+from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfig
 
 from hf_epr.results import markdown_table
 
 from common import save_results
 
-SIZES = {  # name -> ResNetConfig kwargs
-    "resnet-1M": dict(layer_type="basic", embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1]),
-    "resnet-5M": dict(layer_type="basic", embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1]),
-    "resnet-25M": dict(),  # ResNet-50
+MODELS = {  # name -> config
+    "resnet-1M": lambda: ResNetConfig(num_labels=10, layer_type="basic", embedding_size=32, hidden_sizes=[32, 64, 128, 256],
+                                      depths=[1, 1, 1, 1]),
+    "resnet-5M": lambda: ResNetConfig(num_labels=10, layer_type="basic", embedding_size=64,
+                                      hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1]),
+    "resnet50-25M": lambda: ResNetConfig(num_labels=1000),
+    "vit-b16-86M": lambda: ViTConfig(num_labels=1000),
+}
+FILES = {  # kind of file -> EPRConfig.init_step_ratio of a freshly wrapped model
+    "trained-like": 0.25,  # about 4 bits per parameter, narrow tables: entropy coded
+    "escape-heavy": 1 / 4096,  # the default wrapping step: ~13 bits per parameter, wide ranges (bit-packed)
 }
 
 LOAD = r"""
@@ -37,29 +46,29 @@ import json, sys, time
 import torch
 from transformers import AutoModelForImageClassification
 kind, folder = sys.argv[1], sys.argv[2]
-from transformers import ResNetForImageClassification  # warm the lazy imports both paths need
-ResNetForImageClassification.__init__
-import hf_epr.format  # noqa: F401  (imported by both, so both pay the same start-up)
+import hf_epr  # imported by both, so both pay the same start-up
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key))
 base_rss = status("VmRSS:")
 if kind == "epr":
-    from hf_epr import EPRCompressedForImageClassification as cls
     from hf_epr.format import WEIGHTS_NAME, decode_latents, read_container
     t = time.perf_counter()
     meta, arrays = read_container(f"{folder}/{WEIGHTS_NAME}")
-    t_read = time.perf_counter() - t
-    t = time.perf_counter()
     n = sum(len(v) for v in decode_latents(meta, arrays))
     t_decode = time.perf_counter() - t
+    del meta, arrays
+    base_rss = status("VmRSS:")  # the timed load below starts from here
 else:
-    cls, n, t_read, t_decode = AutoModelForImageClassification, 0, 0.0, 0.0
+    n, t_decode = 0, 0.0
 t = time.perf_counter()
-model = cls.from_pretrained(folder)
+if kind == "wrapper":
+    hf_epr.EPRModel.from_pretrained(folder)
+else:
+    AutoModelForImageClassification.from_pretrained(folder)
 t_load = time.perf_counter() - t
 rss = status("VmHWM:")
-print(json.dumps({"load_s": t_load, "read_s": t_read, "entropy_decode_s": t_decode, "symbols": n,
+print(json.dumps({"load_s": t_load, "entropy_decode_s": t_decode, "symbols": n,
                   "peak_rss_mb": rss / 1024, "rss_over_imports_mb": (rss - base_rss) / 1024}))
 """
 
@@ -73,34 +82,40 @@ def measure_load(kind: str, folder: str, repeats: int) -> dict:
     return min(runs, key=lambda r: r["load_s"])
 
 
-def speed_rows(names: list[str], repeats: int) -> list[dict]:
-    from hf_epr import EPRConfig, EPRModel
+def speed_rows(names: list[str], files: list[str], repeats: int) -> list[dict]:
+    from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel
     from hf_epr.format import WEIGHTS_NAME, file_size_report
 
     rows = []
     for name in names:
         torch.manual_seed(0)
-        base = AutoModelForImageClassification.from_config(ResNetConfig(num_labels=10, **SIZES[name])).eval()
+        base = AutoModelForImageClassification.from_config(MODELS[name]()).eval()
         n_params = sum(p.numel() for p in base.parameters())
-        with tempfile.TemporaryDirectory() as tmp:
-            epr_dir, fp32_dir = os.path.join(tmp, "epr"), os.path.join(tmp, "fp32")
-            EPRModel.from_base(base, EPRConfig(init_step_ratio=0.25)).eval().save_pretrained(epr_dir)
-            from hf_epr import EPRCompressedForImageClassification
-            EPRCompressedForImageClassification.from_pretrained(epr_dir).save_pretrained(fp32_dir)
-            epr, fp32 = measure_load("epr", epr_dir, repeats), measure_load("fp32", fp32_dir, repeats)
-            epr_bytes = os.path.getsize(os.path.join(epr_dir, WEIGHTS_NAME))
-            report = file_size_report(os.path.join(epr_dir, WEIGHTS_NAME))
-            fp32_bytes = os.path.getsize(os.path.join(fp32_dir, "model.safetensors"))
-        rows.append({
-            "model": name, "params_M": n_params / 1e6, "fp32_MB": fp32_bytes / 1e6, "epr_MB": epr_bytes / 1e6,
-            "epr_file_over_ideal": report["file_over_ideal"],
-            "epr_load_s": epr["load_s"], "fp32_load_s": fp32["load_s"], "load_ratio": epr["load_s"] / fp32["load_s"],
-            "epr_Mparams_per_s": n_params / 1e6 / epr["load_s"], "fp32_Mparams_per_s": n_params / 1e6 / fp32["load_s"],
-            "entropy_decode_Msymbols_per_s": epr["symbols"] / 1e6 / epr["entropy_decode_s"],
-            "epr_peak_rss_MB": epr["peak_rss_mb"], "fp32_peak_rss_MB": fp32["peak_rss_mb"],
-            "epr_rss_over_imports_MB": epr["rss_over_imports_mb"], "fp32_rss_over_imports_MB": fp32["rss_over_imports_mb"],
-        })
-        print(f"  {name}: done", flush=True)
+        for file_kind in files:
+            with tempfile.TemporaryDirectory() as tmp:
+                epr_dir, fp32_dir = os.path.join(tmp, "epr"), os.path.join(tmp, "fp32")
+                model = EPRModel.from_base(copy.deepcopy(base), EPRConfig(init_step_ratio=FILES[file_kind])).eval()
+                model.save_pretrained(epr_dir)
+                del model
+                EPRCompressedForImageClassification.from_pretrained(epr_dir).save_pretrained(fp32_dir)
+                epr, fp32 = measure_load("epr", epr_dir, repeats), measure_load("fp32", fp32_dir, repeats)
+                wrapper = measure_load("wrapper", epr_dir, 1)
+                report = file_size_report(epr_dir)
+                fp32_bytes = os.path.getsize(os.path.join(fp32_dir, "model.safetensors"))
+                rows.append({
+                    "model": name, "file": file_kind, "params_M": n_params / 1e6, "fp32_MB": fp32_bytes / 1e6,
+                    "epr_MB": os.path.getsize(os.path.join(epr_dir, WEIGHTS_NAME)) / 1e6,
+                    "epr_file_over_ideal": report["file_over_ideal"],
+                    "epr_load_s": epr["load_s"], "fp32_load_s": fp32["load_s"],
+                    "load_ratio": epr["load_s"] / fp32["load_s"],
+                    "wrapper_load_s": wrapper["load_s"], "wrapper_over_plain": wrapper["load_s"] / epr["load_s"],
+                    "decode_Msymbols_per_s": epr["symbols"] / 1e6 / epr["entropy_decode_s"],
+                    "epr_rss_over_imports_MB": epr["rss_over_imports_mb"],
+                    "fp32_rss_over_imports_MB": fp32["rss_over_imports_mb"],
+                    "epr_peak_rss_over_fp32_size": epr["rss_over_imports_mb"] / (fp32_bytes / 2 ** 20),
+                })
+            print(f"  {name} {file_kind}: {rows[-1]['epr_load_s']:.3f} s vs fp32 {rows[-1]['fp32_load_s']:.3f} s",
+                  flush=True)
     return rows
 
 
@@ -115,12 +130,13 @@ def ideal_rows(steps: int) -> list[dict]:
         model = EPRModel.from_base(tiny_model(family), EPRConfig(rate_lambda=0.5, init_step_ratio=0.05))
         train_a_few_steps(model, tiny_inputs(family), steps=steps, lam=0.5)
         c = model.to_container()
-        ideal = sum(g.ideal_bits(c.precision) for g in c.groups) / 8
-        words = encode_groups(c.groups, c.precision)[0].nbytes
+        coded = [g for g in c.groups if g.packing(c.precision) is None]
+        ideal = sum(g.entropy_bits(c.precision) for g in coded) / 8
+        words = encode_groups(coded, c.precision)[0].nbytes
         report = c.size_report()
-        rows.append({"model": family, "groups": len(c.groups), "ideal_bytes": round(ideal, 1), "coded_bytes": words,
-                     "coded_over_ideal": words / ideal, "file_bytes": report["total_bytes"],
-                     "file_over_ideal_with_raw": report["file_over_ideal"]})
+        rows.append({"model": family, "groups": len(c.groups), "entropy_coded_groups": len(coded),
+                     "ideal_bytes": round(ideal, 1), "coded_bytes": words, "coded_over_ideal": words / max(ideal, 1),
+                     "file_bytes": report["total_bytes"], "file_over_ideal_with_raw": report["file_over_ideal"]})
     return rows
 
 
@@ -128,9 +144,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small models, one repeat")
     args = parser.parse_args()
-    names = ["resnet-1M"] if args.quick else list(SIZES)
-    print("decode speed (fresh process per load, best of runs):", flush=True)
-    speed = speed_rows(names, repeats=1 if args.quick else 3)
+    names = ["resnet-1M"] if args.quick else list(MODELS)
+    print(f"decode speed (fresh process per load, best of runs; {os.cpu_count()} CPUs):", flush=True)
+    speed = speed_rows(names, list(FILES), repeats=1 if args.quick else 2)
     ideal = ideal_rows(steps=2 if args.quick else 10)
     text = ("## from_pretrained: compressed vs fp32 safetensors\n\n" + markdown_table(speed)
             + "\n\n## coded size vs ideal under the stored tables\n\n" + markdown_table(ideal) + "\n")

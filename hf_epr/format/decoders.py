@@ -214,6 +214,11 @@ class DecoderKind:
             x = x + self.group_view(shift)
         return self.transform(x)
 
+    def decode_groups(self, groups: list[np.ndarray], params: torch.Tensor) -> torch.Tensor:
+        """Weights from the decoded coding groups (int32 arrays that the caller no longer needs: a kind may
+        reuse their memory)."""
+        return self.decode(torch.from_numpy(self.join(groups)), params)
+
     def units(self, z: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Latents in integer units, before rounding: (z - shift) / step."""
         log_step, shift = self.params_split(params)
@@ -300,6 +305,16 @@ class AffineKind(DecoderKind):
 
     def join(self, groups: list[np.ndarray]) -> np.ndarray:
         return groups[0].astype(np.float32).reshape(self.shape)
+
+    def decode_groups(self, groups: list[np.ndarray], params: torch.Tensor) -> torch.Tensor:
+        """In place: the int32 values become the float32 weights in the same memory (no copy of the tensor)."""
+        values = groups[0]
+        weights = values.view(np.float32)
+        np.copyto(weights, values, casting="unsafe")  # element by element, so in place is safe
+        step, shift = torch.exp(params[:1]).numpy()[0], params[1:2].numpy()[0]
+        np.multiply(weights, step, out=weights)  # the same float32 operations as decode()
+        np.add(weights, shift, out=weights)
+        return torch.from_numpy(weights).view(self.shape)
 
 
 def dct_coef_groups(kh: int, kw: int, slices: int, grouping: str, min_latents: int) -> list[int]:

@@ -100,7 +100,8 @@ def resolve_file(repo: str | os.PathLike, filename: str, **hub_kwargs: Any) -> s
 
 def iter_decoded(meta: dict[str, Any], arrays: dict[str, np.ndarray],
                  latents: list[np.ndarray] | None = None) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """Yield (names, tensor) for every stored tensor (names: the tensor's name and its tied aliases)."""
+    """Yield (names, tensor) for every stored tensor (names: the tensor's name and its tied aliases). The decoded
+    latents are consumed: decoders may turn them into weights in place (pass copies to keep them)."""
     latents = decode_latents(meta, arrays) if latents is None else latents
     params = torch.from_numpy(arrays["params"].copy())
     for t in meta["tensors"]:
@@ -110,8 +111,7 @@ def iter_decoded(meta: dict[str, Any], arrays: dict[str, np.ndarray],
             value = torch.from_numpy(flat[t["offset"]: t["offset"] + math.prod(shape)].copy()).view(shape)
         else:
             kind = decoder_for_entry(t)
-            q = torch.from_numpy(kind.join([latents[g] for g in t["groups"]]))
-            value = kind.decode(q, params[t["params"]: t["params"] + kind.num_params])
+            value = kind.decode_groups([latents[g] for g in t["groups"]], params[t["params"]: t["params"] + kind.num_params])
         yield [t["name"], *t.get("aliases", [])], value
 
 
