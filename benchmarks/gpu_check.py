@@ -152,7 +152,8 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
     data = images(batch * (args.steps + args.warmup), size, labels)
     rows, kept = [], None
     plain = {}
-    variants = [("plain", False), ("off", False), ("auto", False), ("plain", True), ("off", True), ("auto", True)]
+    variants = [(kind, bf16) for bf16 in (False, True) for kind in ("plain", "off", "auto")
+                if not (args.no_auto and kind == "auto")]
     if name in args.compiled_models:
         variants += [("off+compiled", False), ("off+compiled", True)]
     for kind, bf16 in variants:
@@ -175,6 +176,8 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
         finally:
             compile_quantizer(False)
     checks: dict = {"model": name}
+    if args.check_models is not None and name not in args.check_models:
+        return rows, checks
     try:
         epr = kept.accelerator.unwrap_model(kept.model)
         checks["latents_M"] = round(epr.num_compressed_parameters / 1e6, 2)
@@ -237,7 +240,8 @@ def check_fsdp2(scratch: str, small: bool) -> dict:
            "--num_processes", "1", "--main_process_port", "29561", __file__, "--fsdp-worker", out]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
-        return {"fsdp2": "failed", "stderr": proc.stderr[-1500:]}
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+        return {"fsdp2": "failed", "errors": " / ".join(dict.fromkeys(errors))[:1500], "stderr": proc.stderr[-3000:]}
     result = json.loads(Path(out, "fsdp.json").read_text())
     result["reloaded_latents_equal"] = digest(EPRModel.from_pretrained(os.path.join(out, "repo")).integer_latents()) \
         == result["digest"]
@@ -253,6 +257,9 @@ def main() -> None:
     parser.add_argument("--no-load-times", action="store_true", help="skip the fresh-process load timings")
     parser.add_argument("--compiled-models", nargs="*", default=["resnet50"],
                         help="models also timed with the compiled quantizer (compiling takes about a minute)")
+    parser.add_argument("--check-models", nargs="*", default=None,
+                        help="models that also get the evaluate/save/load checks (default: all)")
+    parser.add_argument("--no-auto", action="store_true", help="skip the label-preservation 'auto' runs")
     parser.add_argument("--out", default=None, help="also copy the results here (a folder)")
     parser.add_argument("--fsdp-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -269,12 +276,13 @@ def main() -> None:
             steps += rows
             checks.append(check)
         fsdp = check_fsdp2(scratch, args.small)
-        log(f"fsdp2: {fsdp}")
+        log(f"fsdp2: {fsdp.get('errors') or fsdp}")
     text = (f"Device: {name}; torch {torch.__version__}; batch {8 if args.small else 64}, "
             f"{args.steps} timed steps after {args.warmup}; wall {time.time() - t0:.0f} s\n\n"
             "## Step time: EPRTrainer vs plain Trainer\n\n" + markdown_table(steps)
             + "\n\n## Rate term, coded size, saving and loading\n\n" + markdown_table(checks)
-            + "\n\n## FSDP2 through accelerate (one process)\n\n" + markdown_table([fsdp]) + "\n")
+            + "\n\n## FSDP2 through accelerate (one process)\n\n"
+            + markdown_table([{k: v for k, v in fsdp.items() if k != "stderr"}]) + "\n")
     data = {"device": name, "torch": torch.__version__, "steps": steps, "checks": checks, "fsdp2": fsdp,
             "args": vars(args)}
     save_results("gpu_check", text, data, quick=args.small)
