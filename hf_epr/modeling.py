@@ -75,6 +75,13 @@ class EPRModel(PreTrainedModel):
         model.fit_density()
         return model.train(base.training)
 
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The base model's input embeddings, or None for architectures without (vision models)."""
+        try:
+            return self.model.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            return None
+
     def _init_weights(self, module: nn.Module) -> None:
         """Nothing to initialize: weights come from the base model or the compressed file."""
 
