@@ -118,3 +118,13 @@ def test_repos_saved_without_a_density_refit_it(tmp_path):
     again = EPRModel.from_pretrained(tmp_path)
     c = again.to_container()
     assert 0.9 < again.exact_bits() / sum(g.entropy_bits(c.precision) for g in c.groups) < 1.25
+
+
+def test_input_embeddings_of_text_models_and_none_for_vision_models():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    vision = EPRModel.from_base(tiny_model("resnet"))
+    assert vision.get_input_embeddings() is None  # accelerate's FSDP2 preparation asks every model
+    text = EPRModel.from_base(BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)))
+    assert text.get_input_embeddings() is text.model.bert.embeddings.word_embeddings
