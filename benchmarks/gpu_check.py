@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --small    # anywhere (also CPU): tiny configs, the same code paths
 
 Per model (random init, random images): the plain Trainer step against EPRTrainer steps (label preservation off and
-auto; fp32 and bf16 mixed precision; and with the compiled quantizer), the rate term alone, then on the device
+auto; fp32 and bf16 mixed precision), the rate term alone, then on the device
 ``evaluate`` (real coded bytes) and ``save_model``; the saved repo loaded on the CPU (same integer latents), onto the
 device with ``device_map``/``dtype``, and load times against the decoded fp32 safetensors checkpoint in fresh
 processes. Last, FSDP2 through ``accelerate launch`` (recipes/accelerate_fsdp2.yaml, one process). Writes
@@ -31,7 +31,6 @@ from transformers import (AutoModelForImageClassification, ConvNextConfig, ResNe
 
 from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import TensorRows
-from hf_epr.format.decoders import compile_quantizer
 from hf_epr.results import markdown_table
 
 from common import save_results
@@ -154,14 +153,10 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
     plain = {}
     variants = [(kind, bf16) for bf16 in (False, True) for kind in ("plain", "off", "auto")
                 if not (args.no_auto and kind == "auto")]
-    if name in args.compiled_models:
-        variants += [("off+compiled", False), ("off+compiled", True)]
     for kind, bf16 in variants:
         label = f"{kind} {'bf16' if bf16 else 'fp32'}"
         try:
-            if kind == "off+compiled":
-                compile_quantizer(True)
-            trainer, ms = run_trainer(kind.split("+")[0], base, data, batch, args.steps, args.warmup, bf16,
+            trainer, ms = run_trainer(kind, base, data, batch, args.steps, args.warmup, bf16,
                                       os.path.join(scratch, f"{name}-{kind}-{bf16}"))
             if kind == "plain":
                 plain[bf16] = ms
@@ -173,8 +168,6 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
         except Exception as err:  # noqa: BLE001 - report and go on with the other variants
             rows.append({"model": name, "run": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
             log(f"{name} {label} FAILED\n{traceback.format_exc()}")
-        finally:
-            compile_quantizer(False)
     checks: dict = {"model": name}
     if args.check_models is not None and name not in args.check_models:
         return rows, checks
@@ -255,8 +248,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-load-times", action="store_true", help="skip the fresh-process load timings")
-    parser.add_argument("--compiled-models", nargs="*", default=["resnet50"],
-                        help="models also timed with the compiled quantizer (compiling takes about a minute)")
     parser.add_argument("--check-models", nargs="*", default=None,
                         help="models that also get the evaluate/save/load checks (default: all)")
     parser.add_argument("--no-auto", action="store_true", help="skip the label-preservation 'auto' runs")

@@ -91,22 +91,6 @@ class _QuantizeSTE(torch.autograd.Function):
         return grad, grad_log_step, None  # no gradient to the shift (None: zero)
 
 
-def _quantize(z: torch.Tensor, log_step: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    return _QuantizeSTE.apply(z, log_step, shift)
-
-
-_QUANTIZE = {"eager": _quantize}
-
-
-def compile_quantizer(enabled: bool = True) -> None:
-    """Run the decoders' elementwise quantizer as one compiled kernel each way (``torch.compile``, dynamic
-    shapes: a handful of graphs for all tensors) instead of a chain of small ones; on GPUs this cuts the kernel
-    launches of the decoders several times. ``enabled=False`` returns to eager."""
-    _QUANTIZE.pop("compiled", None)
-    if enabled:
-        _QUANTIZE["compiled"] = torch.compile(_quantize, dynamic=True)
-
-
 class DecoderKind:
     """One compressed tensor's decoder: shape, grouping and maths (see the module docstring).
 
@@ -228,8 +212,7 @@ class DecoderKind:
     def forward(self, z: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Training forward: the weights with straight-through rounding (gradients to z and the parameters)."""
         log_step, shift = self.params_split(params)
-        quantize = _QUANTIZE.get("compiled", _quantize)
-        x = quantize(z, self.group_view(log_step), self.group_view(shift) if shift is not None else None)
+        x = _QuantizeSTE.apply(z, self.group_view(log_step), self.group_view(shift) if shift is not None else None)
         return self.transform(x)
 
     def from_integers(self, q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
