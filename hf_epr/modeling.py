@@ -18,7 +18,8 @@ from .config import EPRConfig, EPRConfigError
 from .entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram
 from .format.coders import histogram_table
 from .format.configuration_epr import CONFIG_MODEL_TYPE, HUB_KWARGS, EPRCompressedConfig
-from .format.container import WEIGHTS_NAME, CodedGroup, Container, atomic_write, decode_latents, read_container
+from .format.container import WEIGHTS_NAME, CodedGroup, Container, atomic_write, read_container
+from .format.latents import decode_latents
 from .format.decoders import decoder_for_entry, round_latent
 from .format.errors import EPRFormatError
 from .format.modeling_epr import architecture_class, decode_state_dict, resolve_file

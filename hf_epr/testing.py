@@ -3,6 +3,7 @@ vision families, a few plain training steps of an EPRModel, and LeNet references
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import (AutoModelForImageClassification, ConvNextConfig, MobileNetV2Config, RegNetConfig,
                           ResNetConfig, SwinConfig, ViTConfig)
@@ -50,6 +51,26 @@ def train_a_few_steps(model, x: torch.Tensor, steps: int = 5, lam: float = 0.05)
         loss.backward()
         opt.step()
     model.eval()
+
+
+def small_container():
+    """A three-tensor container (two entropy-coded groups, two escapes, one raw tensor): the golden test vector of
+    the coded format (``tests/data/golden_v*.safetensors``)."""
+    from .format.coders import quantize_pmf
+    from .format.container import CodedGroup, Container
+
+    rng = np.random.default_rng(0)
+    c = Container(precision=16)
+    v1 = np.round(rng.laplace(0, 1.5, 300)).astype(np.int32)
+    v2 = np.append(np.round(rng.normal(0, 0.6, 200)), [40, -50]).astype(np.int32)  # two escapes
+    c.groups = [CodedGroup(int(v1.min()), quantize_pmf(np.bincount(v1 - v1.min()).tolist() + [0], 16), v1),
+                CodedGroup(-3, quantize_pmf(np.ones(8), 16), v2)]
+    c.tensors = [{"name": "a.weight", "aliases": [], "shape": [20, 15], "kind": "affine", "groups": [0], "params": 0},
+                 {"name": "b.weight", "aliases": [], "shape": [202], "kind": "affine", "groups": [1], "params": 2},
+                 {"name": "b.bias", "aliases": [], "shape": [3], "kind": "raw", "dtype": "float32",
+                  "offset": c.add_raw(np.array([1.0, -2.0, 0.5], np.float32), "float32")}]
+    c.params = [float(np.log(0.01)), 0.0, float(np.log(0.1)), 0.25]
+    return c
 
 
 def mnist_subset(n: int, split: str = "train", with_labels: bool = True) -> TensorRows:

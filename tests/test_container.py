@@ -13,31 +13,17 @@ import pytest
 import torch
 
 import hf_epr.format.container as container
-from hf_epr import EPRConfig, EPRError, EPRFormatError, EPRModel
+from hf_epr import EPRConfig, EPRFormatError, EPRModel
 from hf_epr.format import WEIGHTS_NAME, decode_state_dict, file_size_report
-from hf_epr.format.coders import histogram_table, quantize_pmf
+from hf_epr.format.coders import table_counts, varints
+from hf_epr.format.container import digest_of, encode_groups, parse_container, safetensors_bytes
 from hf_epr.format.decoders import DECODER_KINDS, AffineKind
-from hf_epr.format.container import (CodedGroup, Container, decode_latents, digest_of, encode_groups,
-                                     parse_container, safetensors_bytes, table_counts, varints)
-from hf_epr.testing import tiny_inputs, tiny_model, train_a_few_steps
+from hf_epr.format.latents import decode_latents
+from hf_epr.testing import small_container, tiny_inputs, tiny_model, train_a_few_steps
 
 
 DATA = Path(__file__).parent / "data"
 
-
-def small_container() -> Container:
-    rng = np.random.default_rng(0)
-    c = Container(precision=16)
-    v1 = np.round(rng.laplace(0, 1.5, 300)).astype(np.int32)
-    v2 = np.append(np.round(rng.normal(0, 0.6, 200)), [40, -50]).astype(np.int32)  # two escapes
-    c.groups = [CodedGroup(int(v1.min()), quantize_pmf(np.bincount(v1 - v1.min()).tolist() + [0], 16), v1),
-                CodedGroup(-3, quantize_pmf(np.ones(8), 16), v2)]
-    c.tensors = [{"name": "a.weight", "aliases": [], "shape": [20, 15], "kind": "affine", "groups": [0], "params": 0},
-                 {"name": "b.weight", "aliases": [], "shape": [202], "kind": "affine", "groups": [1], "params": 2},
-                 {"name": "b.bias", "aliases": [], "shape": [3], "kind": "raw", "dtype": "float32",
-                  "offset": c.add_raw(np.array([1.0, -2.0, 0.5], np.float32), "float32")}]
-    c.params = [float(np.log(0.01)), 0.0, float(np.log(0.1)), 0.25]
-    return c
 
 
 def with_checksum(arrays: dict) -> bytes:
@@ -80,36 +66,6 @@ def test_golden_vector(version):
     if version == 3:
         assert data == small_container().to_bytes(), "the encoder no longer writes the golden bytes"
 
-
-def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch):
-    c = small_container()
-    peaked = np.round(np.random.default_rng(1).laplace(0, 1.0, 210)).astype(np.int32)
-    uniform = np.random.default_rng(2).integers(-500, 500, 3000).astype(np.int32)  # stored bit-packed
-    c.groups += [CodedGroup(*histogram_table(peaked, 16, 64), peaked), CodedGroup(*histogram_table(uniform, 16, 64), uniform)]
-    c.tensors += [{"name": "c.weight", "shape": [210], "kind": "affine", "groups": [2], "params": 4},
-                  {"name": "d.weight", "shape": [3000], "kind": "affine", "groups": [3], "params": 6}]
-    c.params += [0.0, 0.0, 0.0, 0.0]
-    monkeypatch.setattr(container, "STREAM_SYMBOLS", 250)  # 712 entropy-coded symbols -> 3 streams of whole groups
-    meta, arrays = parse_container(c.to_bytes())
-    assert [n for _, n in meta["streams"]] == [1, 1, 1] and [g[4] for g in meta["groups"]] == [0, 0, 0, 1]
-    for processes in (1, 2, 3):
-        latents = decode_latents(meta, arrays, processes=processes)
-        assert all(np.array_equal(a, g.values) for a, g in zip(latents, c.groups))
-
-    parent = os.getpid()
-    real = container._decode_stream
-
-    def fails_in_child(*args):
-        if os.getpid() != parent:
-            raise RuntimeError("boom")
-        return real(*args)
-
-    monkeypatch.setattr(container, "_decode_stream", fails_in_child)
-    with pytest.raises(EPRFormatError, match="decoding process failed"):
-        decode_latents(meta, arrays, processes=2)
-    monkeypatch.setenv("HF_EPR_DECODE_PROCESSES", "two")
-    with pytest.raises(EPRError, match="HF_EPR_DECODE_PROCESSES"):
-        decode_latents(meta, arrays)
 
 
 GOLDEN_V2 = (DATA / "golden_v2.safetensors").read_bytes()  # the base of crafted version 2 files

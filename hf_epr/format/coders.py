@@ -89,6 +89,37 @@ def coder(name: str) -> Coder:
 # ---------------------------------------------------------------------------------------------
 
 
+def varints(values: np.ndarray) -> np.ndarray:
+    """LEB128 encoding (7 bits per byte, high bit = more follows) of non-negative integers < 2**21."""
+    v = np.asarray(values, np.int64)
+    nbytes = 1 + (v >= 1 << 7) + (v >= 1 << 14)
+    out = np.zeros(int(nbytes.sum()), np.uint8)
+    pos = np.cumsum(nbytes) - nbytes
+    for k in range(3):
+        sel = nbytes > k
+        more = (nbytes > k + 1)[sel]
+        out[pos[sel] + k] = ((v[sel] >> (7 * k)) & 0x7F) | (more * 0x80)
+    return out
+
+
+
+def table_counts(varints: np.ndarray) -> np.ndarray:
+    """Decode the concatenated LEB128 varints of the tables (each value at most 3 bytes) to int64 counts."""
+    b = np.asarray(varints, np.uint8)
+    if b.size == 0:
+        return np.zeros(0, np.int64)
+    ends = np.flatnonzero((b & 0x80) == 0)
+    if ends.size == 0 or ends[-1] != b.size - 1:
+        raise EPRFormatError("the tables' varint stream is truncated")
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 3:
+        raise EPRFormatError("a table count is longer than 3 bytes")
+    shift = 7 * (np.arange(b.size) - np.repeat(starts, lengths))
+    return np.add.reduceat((b & 0x7F).astype(np.int64) << shift, starts)
+
+
+
 def quantize_pmf(pmf: np.ndarray, precision: int) -> np.ndarray:
     """Integer counts (uint16) summing to ``2**precision``, every symbol >= 1, from probabilities.
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 import os
 import re
 import tempfile
@@ -32,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from .coders import ANS, coder, ideal_bits, pack_bits, packed_width, symbols_of, unpack_bits
+from .coders import ANS, coder, ideal_bits, pack_bits, packed_width, symbols_of, table_counts, varints
 from .decoders import decoder_for_entry
-from .errors import EPRError, EPRFormatError
+from .errors import EPRFormatError
+from .latents import decode_latents
 
 FORMAT_NAME = "hf_epr"
 FORMAT_VERSION = 3
@@ -243,19 +243,6 @@ def file_size_report(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-
-
-def varints(values: np.ndarray) -> np.ndarray:
-    """LEB128 encoding (7 bits per byte, high bit = more follows) of non-negative integers < 2**21."""
-    v = np.asarray(values, np.int64)
-    nbytes = 1 + (v >= 1 << 7) + (v >= 1 << 14)
-    out = np.zeros(int(nbytes.sum()), np.uint8)
-    pos = np.cumsum(nbytes) - nbytes
-    for k in range(3):
-        sel = nbytes > k
-        more = (nbytes > k + 1)[sel]
-        out[pos[sel] + k] = ((v[sel] >> (7 * k)) & 0x7F) | (more * 0x80)
-    return out
 
 
 def split_streams(groups: list[CodedGroup], target: int | None = None) -> list[int]:
@@ -676,140 +663,3 @@ def validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
               "the streams do not cover the coded words and the entropy-coded groups exactly")
     total_escapes = meta.get("n_escapes")
     _need(_int(total_escapes) and total_escapes == arrays["escapes"].size, "escape count disagrees with payload")
-
-
-def table_counts(varints: np.ndarray) -> np.ndarray:
-    """Decode the concatenated LEB128 varints of the tables (each value at most 3 bytes) to int64 counts."""
-    b = np.asarray(varints, np.uint8)
-    if b.size == 0:
-        return np.zeros(0, np.int64)
-    ends = np.flatnonzero((b & 0x80) == 0)
-    if ends.size == 0 or ends[-1] != b.size - 1:
-        raise EPRFormatError("the tables' varint stream is truncated")
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    lengths = ends - starts + 1
-    if lengths.max() > 3:
-        raise EPRFormatError("a table count is longer than 3 bytes")
-    shift = 7 * (np.arange(b.size) - np.repeat(starts, lengths))
-    return np.add.reduceat((b & 0x7F).astype(np.int64) << shift, starts)
-
-
-def stream_plan(meta: dict[str, Any], n_words: int) -> list[tuple[int, int, int, int]]:
-    """(first word, end word, first group, end group) of each independently decodable stream; files with
-    one stream (all version 1 files) have no ``streams`` entry."""
-    streams = meta.get("streams", [[n_words, len(meta["groups"])]])
-    plan, word, group = [], 0, 0
-    for n, g in streams:
-        plan.append((word, word + n, group, group + g))
-        word, group = word + n, group + g
-    return plan
-
-
-def _decode_stream(meta: dict[str, Any], words: np.ndarray, counts: np.ndarray, groups: list[int],
-                   starts: np.ndarray, out: np.ndarray, escapes: dict[int, np.ndarray] | None) -> None:
-    """Decode the entropy-coded ``groups`` of one stream into ``out`` at each group's start: their values when
-    ``escapes`` gives each group's escaped values (version 3), else their table indices."""
-    tables = [(counts[off: off + n_sym], count) for _, n_sym, off, count, _ in (meta["groups"][i] for i in groups)]
-    decoded = coder(meta.get("coder")).decode(words, tables, meta["precision"])
-    for i, symbols in zip(groups, decoded):
-        target = out[starts[i]: starts[i] + symbols.size]
-        target[:] = symbols
-        if escapes is not None:
-            _to_values(target, meta["groups"][i], escapes[i])
-
-
-def _to_values(target: np.ndarray, group: list[int], escaped: np.ndarray) -> None:
-    """Table indices -> values in place: add the table's start, put the escaped values where the escape symbol is."""
-    lo, n_sym = group[0], group[1]
-    esc = target == n_sym - 1
-    if int(esc.sum()) != escaped.size:
-        raise EPRFormatError("a coded group holds a different number of escapes than the file")
-    target += np.int32(lo)
-    target[esc] = escaped
-
-
-def decode_processes() -> int:
-    """Processes that decode a multi-stream file: ``$HF_EPR_DECODE_PROCESSES``, else the CPUs this process may
-    use (1 where ``os.fork`` does not exist). constriction holds the GIL while it decodes, so threads would not
-    help; forked children write into shared memory (nothing is pickled)."""
-    if not hasattr(os, "fork"):
-        return 1
-    value = os.environ.get("HF_EPR_DECODE_PROCESSES")
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise EPRError(f"HF_EPR_DECODE_PROCESSES must be a positive integer, not {value!r}")
-        return int(value)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
-                   processes: int | None = None) -> list[np.ndarray]:
-    """Decode every group's integer latents (int32), in group order. The streams and the packed groups of a file
-    are decoded by up to ``processes`` processes at once (default: :func:`decode_processes`), each writing final
-    values (escapes included, for version 3 files) into one shared buffer."""
-    precision, groups = meta["precision"], meta["groups"]
-    coder(meta.get("coder"))  # an unknown coder is a format error, before any work
-    counts = table_counts(arrays["tables"])
-    for lo, n_sym, off, count, mode in groups:
-        table, total = counts[off: off + n_sym], int(counts[off: off + n_sym].sum())
-        if mode == 0 and count and (total & (total - 1) or total > (1 << precision) or table.min() == 0):
-            raise EPRFormatError("a stored table does not sum to a power of two up to 2**precision, or has a zero count")
-    sizes = np.array([g[3] for g in groups], np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    total = int(starts[-1])
-    coded = [i for i, g in enumerate(groups) if g[4] == 0]
-    escapes = None
-    if "group_escapes" in meta:  # version 3: every group knows its escapes, so the workers finish the values
-        bounds = np.concatenate([[0], np.cumsum(meta["group_escapes"])])
-        escapes = {i: arrays["escapes"][bounds[i]: bounds[i + 1]] for i in coded}
-    jobs = [(w1 - w0, "stream", (w0, w1, [coded[g] for g in range(g0, g1)]))
-            for w0, w1, g0, g1 in stream_plan({**meta, "groups": coded}, arrays["coded"].size)]
-    jobs += [(groups[i][3] // 8, "packed", i) for i, g in enumerate(groups) if g[4] == 1]
-    jobs.sort(key=lambda job: -job[0])
-    processes = max(1, min(len(jobs), decode_processes() if processes is None else processes))
-    # with several processes: an anonymous shared mapping (freed with the last array that views it)
-    shared = mmap.mmap(-1, max(4 * total, 1)) if processes > 1 else None
-    out = np.frombuffer(shared, np.int32, total) if shared is not None else np.empty(total, np.int32)
-
-    def run(share: list) -> None:
-        for _, what, job in share:
-            if what == "stream":
-                w0, w1, ids = job
-                _decode_stream(meta, arrays["coded"][w0:w1], counts, ids, starts, out, escapes)
-            else:
-                lo, width, bit, count, _ = groups[job]
-                unpack_bits(arrays["packed"], bit, width, count, out[starts[job]: starts[job] + count], lo)
-
-    children = []
-    try:
-        for k in range(1, processes):
-            pid = os.fork()
-            if pid == 0:  # child: decode its share into the shared buffer, then leave at once
-                code = 1
-                try:
-                    run(jobs[k::processes])
-                    code = 0
-                finally:
-                    os._exit(code)
-            children.append(pid)
-        run(jobs[0::processes])
-    except EPRFormatError:
-        raise
-    except Exception as err:
-        raise EPRFormatError(f"the coded stream is corrupt: {err}") from None
-    finally:
-        failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
-    if failed:
-        raise EPRFormatError("the coded stream is corrupt: a decoding process failed")
-    values = [out[starts[i]: starts[i + 1]] for i in range(len(groups))]
-    if escapes is None:  # versions 1 and 2: the escapes of each group follow from the decoded symbols
-        used = 0
-        for i in coded:
-            k = int((values[i] == groups[i][1] - 1).sum())
-            if used + k > arrays["escapes"].size:
-                raise EPRFormatError("the coded stream needs more escaped values than the file holds")
-            _to_values(values[i], groups[i], arrays["escapes"][used: used + k])
-            used += k
-        if used != arrays["escapes"].size:
-            raise EPRFormatError("the file holds escaped values that the coded stream does not use")
-    return values

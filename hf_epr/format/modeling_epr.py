@@ -20,9 +20,10 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from .configuration_epr import HUB_KWARGS, EPRCompressedConfig, base_class
-from .container import WEIGHTS_NAME, decode_latents, read_container
+from .container import WEIGHTS_NAME, read_container
 from .decoders import decoder_for_entry
 from .errors import EPRFormatError
+from .latents import decode_latents
 
 # the Auto classes a compressed repo can be loaded with (its auto_map names those its base architecture has)
 AUTO_CLASSES = (

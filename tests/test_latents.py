@@ -1,0 +1,46 @@
+"""Decoding a container's latents: several streams and packed groups shared out among processes."""
+
+import os
+
+import numpy as np
+import pytest
+
+import hf_epr.format.container as container
+import hf_epr.format.latents as latents_module
+from hf_epr import EPRError, EPRFormatError
+from hf_epr.format.coders import histogram_table
+from hf_epr.format.container import CodedGroup, parse_container
+from hf_epr.format.latents import decode_latents
+from hf_epr.testing import small_container
+
+
+
+def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch):
+    c = small_container()
+    peaked = np.round(np.random.default_rng(1).laplace(0, 1.0, 210)).astype(np.int32)
+    uniform = np.random.default_rng(2).integers(-500, 500, 3000).astype(np.int32)  # stored bit-packed
+    c.groups += [CodedGroup(*histogram_table(peaked, 16, 64), peaked), CodedGroup(*histogram_table(uniform, 16, 64), uniform)]
+    c.tensors += [{"name": "c.weight", "shape": [210], "kind": "affine", "groups": [2], "params": 4},
+                  {"name": "d.weight", "shape": [3000], "kind": "affine", "groups": [3], "params": 6}]
+    c.params += [0.0, 0.0, 0.0, 0.0]
+    monkeypatch.setattr(container, "STREAM_SYMBOLS", 250)  # 712 entropy-coded symbols -> 3 streams of whole groups
+    meta, arrays = parse_container(c.to_bytes())
+    assert [n for _, n in meta["streams"]] == [1, 1, 1] and [g[4] for g in meta["groups"]] == [0, 0, 0, 1]
+    for processes in (1, 2, 3):
+        latents = decode_latents(meta, arrays, processes=processes)
+        assert all(np.array_equal(a, g.values) for a, g in zip(latents, c.groups))
+
+    parent = os.getpid()
+    real = latents_module._decode_stream
+
+    def fails_in_child(*args):
+        if os.getpid() != parent:
+            raise RuntimeError("boom")
+        return real(*args)
+
+    monkeypatch.setattr(latents_module, "_decode_stream", fails_in_child)
+    with pytest.raises(EPRFormatError, match="decoding process failed"):
+        decode_latents(meta, arrays, processes=2)
+    monkeypatch.setenv("HF_EPR_DECODE_PROCESSES", "two")
+    with pytest.raises(EPRError, match="HF_EPR_DECODE_PROCESSES"):
+        decode_latents(meta, arrays)
