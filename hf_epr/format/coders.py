@@ -44,14 +44,6 @@ def _ans_encode(groups: list[tuple[np.ndarray, np.ndarray]], precision: int) -> 
     return np.asarray(coder.get_compressed(), np.uint32)
 
 
-def _ans_decode(words: np.ndarray, tables: Iterable[tuple[np.ndarray, int]], precision: int) -> Iterator[np.ndarray]:
-    import constriction
-
-    coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, np.uint32))
-    for counts, n in tables:
-        yield coder.decode(categorical(counts, precision), n) if n else np.zeros(0, np.int32)
-
-
 def _range_encode(groups: list[tuple[np.ndarray, np.ndarray]], precision: int) -> np.ndarray:
     import constriction
 
@@ -62,18 +54,24 @@ def _range_encode(groups: list[tuple[np.ndarray, np.ndarray]], precision: int) -
     return np.asarray(coder.get_compressed(), np.uint32)
 
 
-def _range_decode(words: np.ndarray, tables: Iterable[tuple[np.ndarray, int]], precision: int) -> Iterator[np.ndarray]:
-    import constriction
+def _stream_decoder(kind: str, cls: str) -> Callable[..., Iterator[np.ndarray]]:
+    """The decode function of constriction's ``stream.<kind>.<cls>`` over stored tables."""
 
-    coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, np.uint32))
-    for counts, n in tables:
-        yield coder.decode(categorical(counts, precision), n) if n else np.zeros(0, np.int32)
+    def decode(words: np.ndarray, tables: Iterable[tuple[np.ndarray, int]], precision: int) -> Iterator[np.ndarray]:
+        import constriction
+
+        coder = getattr(getattr(constriction.stream, kind), cls)(np.ascontiguousarray(words, np.uint32))
+        for counts, n in tables:
+            yield coder.decode(categorical(counts, precision), n) if n else np.zeros(0, np.int32)
+
+    return decode
 
 
 ANS = "constriction.stream.stack.AnsCoder/Categorical(perfect=False)"
 CODERS: dict[str, Coder] = {
-    ANS: Coder(_ans_encode, _ans_decode),  # written since format version 2
-    "constriction.stream.queue.RangeEncoder/Categorical(perfect=False)": Coder(_range_encode, _range_decode),  # v1
+    ANS: Coder(_ans_encode, _stream_decoder("stack", "AnsCoder")),  # written since format version 2
+    "constriction.stream.queue.RangeEncoder/Categorical(perfect=False)":  # format version 1
+        Coder(_range_encode, _stream_decoder("queue", "RangeDecoder")),
 }
 
 
