@@ -287,7 +287,7 @@ class EPRModel(PreTrainedModel):
         hub = {k: kwargs[k] for k in (*HUB_KWARGS, "trust_remote_code") if k in kwargs}
         config = kwargs.pop("config", None)
         if not isinstance(config, EPRCompressedConfig):
-            config = EPRCompressedConfig.from_pretrained(repo, **hub)
+            config = EPRCompressedConfig.from_pretrained(repo, **{k: v for k, v in hub.items() if k in HUB_KWARGS})
         if config.model_type != CONFIG_MODEL_TYPE or not config.base_config:
             raise EPRFormatError(f"{repo} is not an hf_epr compressed repo (config.json has no base_config)")
         meta, arrays = read_container(resolve_file(repo, WEIGHTS_NAME, **hub))

@@ -133,7 +133,7 @@ class EPRCompressedLoader(PreTrainedModel):
         repo = pretrained_model_name_or_path
         hub = {k: kwargs[k] for k in (*HUB_KWARGS, "trust_remote_code") if k in kwargs}
         if not isinstance(config, EPRCompressedConfig):
-            config = EPRCompressedConfig.from_pretrained(repo, **hub)
+            config = EPRCompressedConfig.from_pretrained(repo, **{k: v for k, v in hub.items() if k in HUB_KWARGS})
         base_config = config.to_base_config(repo, **hub)
         target = model_class_for(base_config, cls.auto_class, repo, **hub)
         state = decode_state_dict(*read_container(resolve_file(repo, WEIGHTS_NAME, **hub)))
