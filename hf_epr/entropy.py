@@ -15,7 +15,7 @@ from .format.errors import EPRError
 
 
 LN2 = math.log(2.0)
-MAX_CELLS = 1024  # cells per channel of the rate's grid, above which its resolution is lowered
+MAX_CELLS = 256  # cells per channel of the rate's grid, above which its resolution is lowered
 
 
 def _pass_through_max(x: torch.Tensor, bound: float) -> torch.Tensor:

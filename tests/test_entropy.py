@@ -80,5 +80,6 @@ def test_histogram_places_every_latent_in_its_channel():
     per_channel = hist.counts.sum(1).tolist()
     expected = [n for t in model.latent_tensors() for n in t.kind.group_sizes()]
     assert per_channel == expected
-    assert (hist.counts[:, :4] == 0).all() and (hist.counts[:, -4:] == 0).all()  # spare bins stay empty
+    r = hist.resolution
+    assert (hist.counts[:, :r] == 0).all() and (hist.counts[:, -r:] == 0).all()  # the spare bins stay empty
     assert cell_bits(model.density, hist, smooth=True).shape == hist.counts.shape
