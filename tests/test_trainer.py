@@ -17,7 +17,7 @@ from hf_epr import EPRError
 from hf_epr.trainer import (POLICY_STATE, TRAINING_STATE, EPRTrainer, EPRTrainingArguments, EPRTrainingError,
                             SizeController)
 
-TARGET_RATIO, TARGET_STEPS = 12.0, 300
+TARGET_RATIO, TARGET_STEPS, RAMP, START = 25.0, 300, 0.5, 0.05  # lambda starts low and rises to the target
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -138,8 +138,9 @@ def test_resume_equals_uninterrupted(teacher, tmp_path):
 # ---------------------------------------------------------------------------------------------- target-size mode
 def test_target_size_mode_lands_within_tolerance(teacher, tmp_path):
     """A short run with target_ratio: the controller moves lambda and the real file lands within 3% of the target."""
-    trainer = make_trainer(teacher, tmp_path, lam=0.5, steps=TARGET_STEPS, lp="off", target_ratio=TARGET_RATIO,
-                           logging_steps=50, decoder_learning_rate=0.02, lr_scheduler_type="linear", target_interval=5)
+    trainer = make_trainer(teacher, tmp_path, lam=START, steps=TARGET_STEPS, lp="off", target_ratio=TARGET_RATIO,
+                           logging_steps=50, decoder_learning_rate=0.02, lr_scheduler_type="linear", target_interval=5,
+                           target_ramp=RAMP)
     trainer.train()
     metrics = trainer.evaluate()
     target = trainer.fp32_bytes / TARGET_RATIO
