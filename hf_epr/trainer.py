@@ -70,6 +70,10 @@ class EPRTrainingArguments(TrainingArguments):
                 "starting value of a controller that adjusts it during training (see SizeController)."})
     target_bytes: int | None = field(default=None, metadata={
         "help": "Target-size mode with the target given in bytes of the coded weights file (not with target_ratio)."})
+    target_tolerance: float = field(default=0.03, metadata={
+        "help": "Target-size mode: the accepted |file / target - 1|. At the end of training a file further off than "
+                "a third of it is brought in by scaling all quantization steps by one factor (see "
+                "EPRTrainer.trim_to_target)."})
     target_interval: int = field(default=10, metadata={
         "help": "Optimizer steps between two updates of rate_lambda in target-size mode."})
     target_gain: float = field(default=0.3, metadata={
@@ -82,16 +86,14 @@ class EPRTrainingArguments(TrainingArguments):
         "help": "Target-size mode: the controller acts on the error predicted target_horizon updates ahead from its "
                 "recent trend (e + horizon * trend), so that it eases off while the size is already "
                 "falling fast towards the target (0: the current error)."})
-    target_max_change: float = field(default=0.05, metadata={
-        "help": "Target-size mode: largest rise of the controller's integral per update (it may fall 4x as fast)."})
+    target_max_change: float = field(default=0.1, metadata={
+        "help": "Target-size mode: largest change of the controller's integral per update."})
     target_ramp: float = field(default=0.5, metadata={
         "help": "Target-size mode: fraction of the training steps over which the size target descends from the "
                 "starting size to the final target (log size along 1 - (1 - s)^2) (the rest of the schedule holds it there)."})
-    target_max_lambda: float = field(default=4.0, metadata={
-        "help": "Target-size mode: the largest rate_lambda the controller sets (the integral stops there). Measured: "
-                "raising lambda to 5-8 within a few hundred steps makes LeNet-300-100 collapse (task loss up, size "
-                "up 3x) instead of compressing further; 4 is the largest lambda the fixed-lambda runs used on every "
-                "model. A target that needs more is out of reach of the schedule and the run ends above it."})
+    target_max_lambda: float = field(default=10.0, metadata={
+        "help": "Target-size mode: the largest rate_lambda the controller sets (the integral stops there). A target "
+                "that needs more is out of reach of the schedule and the run ends above it."})
     target_glide: float = field(default=0.06, metadata={
         "help": "Target-size mode: the size target ends the ramp this fraction above the final target and glides "
                 "down to it at the last step (see SizeController.path)."})
@@ -118,10 +120,12 @@ class EPRTrainingArguments(TrainingArguments):
         if self.rate_lambda is not None and self.rate_lambda < 0:
             raise EPRTrainingError(f"rate_lambda must be >= 0, not {self.rate_lambda}")
         if (self.target_interval < 1 or self.target_calibration_interval < 1 or not self.target_gain > 0
+                or not 0 < self.target_tolerance < 1
                 or not self.target_proportional >= 0 or not self.target_horizon >= 0 or not self.target_glide >= 0
                 or not self.target_max_lambda > 0
                 or not self.target_max_change > 0 or not 0 <= self.target_ramp <= 1):
-            raise EPRTrainingError("target_interval and target_calibration_interval must be >= 1, target_gain and "
+            raise EPRTrainingError("target_interval and target_calibration_interval must be >= 1, target_tolerance in (0, 1), "
+                                   "target_gain and "
                                    "target_max_change > 0, target_proportional, target_horizon and target_glide >= 0, target_max_lambda > 0, target_ramp in [0, 1]")
 
     @property
@@ -198,10 +202,7 @@ class SizeController:
     p = e + horizon * trend (trend: the change of e per update, of the
     exact bits less the path's, smoothed over the last updates),
 
-        I += clip(gain * p, -4 max_change, +max_change);   log(lambda) = I + proportional * clip(e, -1, 1).
-
-    lambda may fall 4x faster than it rises: below the target the size comes back slowly (latents driven to zero
-    stay there) and the cost of an undershoot is accuracy, so the controller backs off quickly.
+        I += clip(gain * p, -max_change, +max_change);   log(lambda) = I + proportional * clip(e, -1, 1).
 
     lambda never exceeds ``max_lambda`` (anti-windup: the integral stops there too).
 
@@ -236,6 +237,7 @@ class SizeController:
         self.updates = 0
         self.estimate: float | None = None
         self.real: float | None = None
+        self.trim = 0.0  # shift of every log step size applied at the end (see EPRTrainer.trim_to_target)
 
     @property
     def rate_lambda(self) -> float:
@@ -277,7 +279,7 @@ class SizeController:
             self.trend = change if self.trend is None else 0.5 * self.trend + 0.5 * change
         self.bits, self.last_path, self.error = bits, path, error
         predicted = error + self.horizon * (self.trend or 0.0)
-        self.integral += max(-4 * self.max_change, min(self.max_change, self.gain * predicted))
+        self.integral += max(-self.max_change, min(self.max_change, self.gain * predicted))
         self.integral = min(self.integral, math.log(self.max_lambda))
         self.log_lambda = min(self.integral + self.proportional * max(-1.0, min(1.0, error)), math.log(self.max_lambda))
         self.updates += 1
@@ -288,7 +290,7 @@ class SizeController:
         return None if self.estimate is None else self.estimate / self.target - 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("log_lambda", "integral", "error", "trend", "bits", "last_path", "start", "overhead", "updates", "estimate", "real")}
+        return {k: getattr(self, k) for k in ("log_lambda", "integral", "error", "trend", "bits", "last_path", "trim", "start", "overhead", "updates", "estimate", "real")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
@@ -304,6 +306,9 @@ class _TargetSizeCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % args.target_interval == 0:
             self.trainer.update_rate_lambda(state.global_step, state.max_steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.trim_to_target()
 
 
 def _label_status(labels: torch.Tensor) -> str:
@@ -379,6 +384,45 @@ class EPRTrainer(Trainer):
             with epr.full_parameters():
                 real = float(epr.size_report()["total_bytes"])
         self.rate_lambda = ctl.update(step, max_steps, epr.empirical_bits(), real)
+
+    @torch.no_grad()
+    def trim_to_target(self, iterations: int = 24) -> float:
+        """Target-size mode, at the end of training: if the real coded size is off the target by more than a third
+        of ``target_tolerance``, scale every quantization step by one common factor (a bisection on a shift of all
+        log step sizes: coarser steps, fewer bits) until it is within, or as close as it gets. The decoded weights
+        stay where they were, re-rounded on the new grid, so the function changes little; the controller has done
+        the rest. Returns the applied shift of log(step) (0: none); logs it and the size error."""
+        ctl = self.size_controller
+        if ctl is None:
+            return 0.0
+        epr = self.accelerator.unwrap_model(self.model)
+        goal = self.args.target_tolerance / 3
+        with epr.full_parameters():
+            size = lambda: float(epr.size_report()["total_bytes"])  # noqa: E731
+            error = size() / ctl.target - 1
+            best = (abs(error), 0.0)
+            if abs(error) > goal:
+                log_steps = [t.log_step for t in epr.latent_tensors()]  # views into the decoders' parameters
+                base = [v.clone() for v in log_steps]
+
+                def shift_by(d: float) -> None:
+                    for v, b in zip(log_steps, base):
+                        v.copy_(b + d)
+
+                lo, hi = (0.0, 1.0) if error > 0 else (-1.0, 0.0)
+                for _ in range(iterations):
+                    mid = (lo + hi) / 2
+                    shift_by(mid)
+                    e = size() / ctl.target - 1
+                    best = min(best, (abs(e), mid))
+                    if abs(e) <= goal:
+                        break
+                    lo, hi = (mid, hi) if e > 0 else (lo, mid)
+                shift_by(best[1])
+            final = size() / ctl.target - 1 if best[1] else error
+        ctl.trim = best[1]
+        self.log({"trim_log_step": best[1], "size_error_before_trim": error, "size_error_after_trim": final})
+        return best[1]
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):

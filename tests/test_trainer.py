@@ -114,8 +114,11 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_equals_uninterrupted(teacher, tmp_path):
-    kw = dict(steps=12, save_strategy="steps", save_steps=6, logging_steps=4)  # a log window spans the resume
+@pytest.mark.parametrize("extra", [{}, {"target_ratio": 20.0, "target_interval": 2, "kd_affine": 1.0, "kd_mixup": 1.0}],
+                         ids=["plain", "target_size_augmented"])
+def test_resume_equals_uninterrupted(teacher, tmp_path, extra):
+    """Also in target-size mode with the augmented teacher copy: the controller's state and the RNG are restored."""
+    kw = dict(steps=12, save_strategy="steps", save_steps=6, logging_steps=4, **extra)  # a log window spans the resume
     full = make_trainer(teacher, tmp_path / "full", **kw)
     full.train()
     part = make_trainer(teacher, tmp_path / "part", **kw)
@@ -131,8 +134,12 @@ def test_resume_equals_uninterrupted(teacher, tmp_path):
     assert resumed.policy.state_dict() == full.policy.state_dict()
     last = lambda t: [h for h in t.state.log_history if "bits" in h][-1]  # noqa: E731
     assert last(resumed)["step"] == last(full)["step"] == 12
-    for key in ("bits", "task_loss", "kd_loss", "coef_label"):
+    for key in ("bits", "task_loss", "kd_loss", "coef_label", "rate_lambda"):
         assert last(resumed)[key] == pytest.approx(last(full)[key], rel=1e-6)
+    if extra:
+        assert "size_controller" in json.loads((checkpoint / POLICY_STATE).read_text())
+        assert resumed.size_controller.state_dict() == pytest.approx(full.size_controller.state_dict())
+        assert resumed.rate_lambda == full.rate_lambda != 0.5
 
 
 # ---------------------------------------------------------------------------------------------- target-size mode
