@@ -149,6 +149,20 @@ class EPRModel(PreTrainedModel):
             hist = latent_histogram(self.latent_tensors())
             return float((hist.counts.float() * cell_bits(self.density, hist)).sum())
 
+    @torch.no_grad()
+    def empirical_bits(self) -> float:
+        """Bits of the rounded latents under their own histogram, per coding group: what the coded stream costs
+        (the file's tables are these histograms), without the tables. Cheap (one histogram); the size estimate of
+        target-size training. Channels wider than ``max_bins`` integers count their bins as uniform."""
+        if not self.entries:
+            return 0.0
+        with self.full_parameters():
+            hist = latent_histogram(self.latent_tensors())
+        counts = hist.counts.double()
+        total = counts.sum(1, keepdim=True)
+        logp = torch.log2(counts / total.clamp(min=1)).nan_to_num(neginf=0.0)
+        return float(-(counts * logp).sum() + (total.squeeze(1) * torch.log2(hist.width)).sum())
+
     @property
     def num_compressed_parameters(self) -> int:
         """Number of latents (the normalizer N of the rate term)."""

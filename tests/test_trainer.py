@@ -13,7 +13,11 @@ from transformers import TrainerCallback
 from hf_epr import EPRConfig, EPRModel
 from hf_epr.format import WEIGHTS_NAME
 from hf_epr.testing import mnist_reference, mnist_subset
-from hf_epr.trainer import POLICY_STATE, TRAINING_STATE, EPRTrainer, EPRTrainingArguments, EPRTrainingError
+from hf_epr import EPRError
+from hf_epr.trainer import (POLICY_STATE, TRAINING_STATE, EPRTrainer, EPRTrainingArguments, EPRTrainingError,
+                            SizeController)
+
+TARGET_RATIO, TARGET_STEPS, RAMP, START = 25.0, 300, 0.5, 0.05  # lambda starts low and rises to the target
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,8 +114,11 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_equals_uninterrupted(teacher, tmp_path):
-    kw = dict(steps=12, save_strategy="steps", save_steps=6, logging_steps=4)  # a log window spans the resume
+@pytest.mark.parametrize("extra", [{}, {"target_ratio": 20.0, "target_interval": 2, "kd_affine": 1.0, "kd_mixup": 1.0}],
+                         ids=["plain", "target_size_augmented"])
+def test_resume_equals_uninterrupted(teacher, tmp_path, extra):
+    """Also in target-size mode with the augmented teacher copy: the controller's state and the RNG are restored."""
+    kw = dict(steps=12, save_strategy="steps", save_steps=6, logging_steps=4, **extra)  # a log window spans the resume
     full = make_trainer(teacher, tmp_path / "full", **kw)
     full.train()
     part = make_trainer(teacher, tmp_path / "part", **kw)
@@ -127,5 +134,54 @@ def test_resume_equals_uninterrupted(teacher, tmp_path):
     assert resumed.policy.state_dict() == full.policy.state_dict()
     last = lambda t: [h for h in t.state.log_history if "bits" in h][-1]  # noqa: E731
     assert last(resumed)["step"] == last(full)["step"] == 12
-    for key in ("bits", "task_loss", "kd_loss", "coef_label"):
+    for key in ("bits", "task_loss", "kd_loss", "coef_label", "rate_lambda"):
         assert last(resumed)[key] == pytest.approx(last(full)[key], rel=1e-6)
+    if extra:
+        assert "size_controller" in json.loads((checkpoint / POLICY_STATE).read_text())
+        assert resumed.size_controller.state_dict() == pytest.approx(full.size_controller.state_dict())
+        assert resumed.rate_lambda == full.rate_lambda != 0.5
+
+
+# ---------------------------------------------------------------------------------------------- target-size mode
+def test_target_size_mode_lands_within_tolerance(teacher, tmp_path):
+    """A short run with target_ratio: the controller moves lambda and the real file lands within 3% of the target."""
+    trainer = make_trainer(teacher, tmp_path, lam=START, steps=TARGET_STEPS, lp="off", target_ratio=TARGET_RATIO,
+                           logging_steps=50, decoder_learning_rate=0.02, lr_scheduler_type="linear", target_interval=5,
+                           target_ramp=RAMP)
+    trainer.train()
+    metrics = trainer.evaluate()
+    target = trainer.fp32_bytes / TARGET_RATIO
+    assert metrics["eval_target_bytes"] == pytest.approx(target)
+    assert abs(metrics["eval_coded_bytes"] / target - 1) <= 0.03
+    assert metrics["eval_size_error"] == pytest.approx(metrics["eval_coded_bytes"] / target - 1)
+    logged = [h for h in trainer.state.log_history if "size_error" in h]
+    assert logged and len({h["rate_lambda"] for h in logged}) > 1
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / WEIGHTS_NAME).stat().st_size == metrics["eval_coded_bytes"]
+
+
+def test_target_size_bad_arguments(tmp_path):
+    for bad in ({"target_ratio": 10, "target_bytes": 1000}, {"target_ratio": -5}, {"target_ratio": 0.5},
+                {"target_bytes": -1}, {"target_bytes": 0}, {"rate_lambda": -1.0}, {"target_gain": 0},
+                {"target_ramp": 1.5}, {"target_interval": 0}, {"kd_mixup": -1}):
+        with pytest.raises(EPRTrainingError):
+            EPRTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **bad)
+    assert issubclass(EPRTrainingError, EPRError)
+
+
+def test_size_controller_is_deterministic_and_resumable():
+    """Same inputs, same lambdas; a controller restored from its JSON state continues identically."""
+    def run(ctl, steps, sizes):
+        return [ctl.update(s, 100, 8 * b, b + 50.0 if s % 30 == 10 else None) for s, b in zip(steps, sizes)]
+
+    sizes = [4000.0 * 0.97 ** i for i in range(10)]
+    steps = list(range(10, 110, 10))
+    make = lambda: SizeController(1000.0, math.log(0.5), 10, 0.05, 0.1, 0.5, 3, 1.0)  # noqa: E731
+    full = run(make(), steps, sizes)
+    first = make()
+    run(first, steps[:4], sizes[:4])
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert run(resumed, steps[4:], sizes[4:]) == full[4:]
+    assert full == run(make(), steps, sizes)
+    assert full[-1] > full[0]  # above its target the size pushes lambda up
