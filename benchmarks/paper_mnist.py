@@ -294,7 +294,7 @@ def smallest_within(rows, models) -> list[dict]:
                 entry[f"bytes_{key}"] = best["bytes"] if best else None
                 entry[f"ratio_{key}"] = best["ratio"] if best else None
                 entry[f"error_{key}"] = best["test_error"] if best else None
-                entry[f"setting_{key}"] = (f"{best['setting']}" + (f" {best['label_preservation']}"
+                entry[f"setting_{key}"] = (f"{best['setting']}" + (f" {best.get('policy') or best['label_preservation']}"
                                                                   if best.get("label_preservation") else "")
                                            + (f" seed {best['seed']}" if best.get("seed") else "")) if best else None
                 if method == "epr":

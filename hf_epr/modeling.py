@@ -355,6 +355,16 @@ def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
     return t.detach().to("cpu", dtype or t.dtype, copy=True).numpy()
 
 
+def host_floats(values: list[Any]) -> list[float]:
+    """Python floats of a list of floats and 0-dim tensors, with one device sync for all the tensors (the statistics
+    of training leave the device here)."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    host = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist())
+    return [next(host) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
 def _build(base_config, architecture: type | None = None) -> PreTrainedModel:
     """An instance of the base architecture with uninitialized weights (every tensor is overwritten)."""
     try:

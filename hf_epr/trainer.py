@@ -6,17 +6,18 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from .format.container import atomic_write
 from .format.errors import EPRError
+from .label_preservation import SoftAdapt
 from .metrics import label_agreement
-from .modeling import EPRModel
+from .modeling import EPRModel, host_floats
+from .target_size import SizeController, TargetSizeCallback, trim_to_target
 
 TRAINING_STATE = "epr_training_state.safetensors"
 POLICY_STATE = "epr_label_preservation.json"
@@ -133,184 +134,6 @@ class EPRTrainingArguments(TrainingArguments):
         return self.target_ratio is not None or self.target_bytes is not None
 
 
-def _floats(values: list[Any]) -> list[float]:
-    """Python floats of a list of floats and 0-dim tensors, with one device sync for all the tensors."""
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if not tensors:
-        return [float(v) for v in values]
-    host = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist())
-    return [next(host) if isinstance(v, torch.Tensor) else float(v) for v in values]
-
-
-class SoftAdapt:
-    """Loss-weighted SoftAdapt (Heydari et al. 2019) over the non-rate loss terms.
-
-    Every ``interval`` calls, with m_i the mean of term i over the last interval and p_i over the one before:
-    slopes s_i = m_i / p_i - 1 (relative rates of change), normalized by max|s|; weights
-    w_i = n * softmax(beta * s)_i * m_i / sum_j softmax(beta * s)_j * m_j (n terms, so sum w = n). A term that
-    stops falling (or rises) and a term that is large both get more weight. Before the second interval all
-    weights are 1. ``reduce`` maps each interval's local means to global ones (mean over processes), so every
-    rank of a distributed run holds the same weights.
-    """
-
-    def __init__(self, names: list[str], beta: float, interval: int,
-                 reduce: Callable[[list[float]], list[float]] | None = None):
-        self.names, self.beta, self.interval = names, beta, interval
-        self.reduce = reduce or (lambda values: values)
-        self.weights = {n: 1.0 for n in names}
-        self.sums: dict[str, Any] = {n: 0.0 for n in names}
-        self.count = 0
-        self.previous: dict[str, float] | None = None
-
-    def update(self, values: dict[str, Any]) -> None:
-        """Add one step's term values (floats or 0-dim tensors, summed where they are: no device sync); recompute
-        the weights at the end of each interval (one sync)."""
-        for n in self.names:
-            self.sums[n] = self.sums[n] + values[n]
-        self.count += 1
-        if self.count < self.interval:
-            return
-        local = [v / self.count for v in _floats([self.sums[n] for n in self.names])]
-        means = dict(zip(self.names, self.reduce(local)))
-        if self.previous is not None:
-            slopes = np.array([means[n] / max(self.previous[n], 1e-12) - 1.0 for n in self.names])
-            slopes = slopes / max(np.abs(slopes).max(), 1e-12)
-            soft = np.exp(self.beta * (slopes - slopes.max()))
-            w = soft * np.array([means[n] for n in self.names])
-            w = len(self.names) * w / max(w.sum(), 1e-12)
-            if np.all(np.isfinite(w)):
-                self.weights = {n: float(v) for n, v in zip(self.names, w)}
-        self.previous, self.sums, self.count = means, {n: 0.0 for n in self.names}, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        sums = dict(zip(self.names, _floats([self.sums[n] for n in self.names])))
-        return {"weights": self.weights, "sums": sums, "count": self.count, "previous": self.previous}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weights, self.sums = state["weights"], state["sums"]
-        self.count, self.previous = state["count"], state["previous"]
-
-
-class SizeController:
-    """Target-size mode: rate_lambda is adjusted during training so that the coded file lands on a target size.
-
-    A PI controller on the log of the size (dual ascent with a proportional term for damping) that acts on the
-    error it predicts ``horizon`` updates ahead: every ``interval`` optimizer steps, with B the bits of the rounded
-    latents under their own histograms / 8 (``EPRModel.empirical_bits``: what the coded stream costs; the learned
-    density's bits lag behind it while the latents move fast), O the overhead (below), T(t) the target at step t, e = log(B / (T(t) - O)) (the error of
-    the part that lambda controls: in a model with many raw tensors a 5% file error is a 20% latent error), and
-    p = e + horizon * trend (trend: the change of e per update, of the
-    exact bits less the path's, smoothed over the last updates),
-
-        I += clip(gain * p, -max_change, +max_change);   log(lambda) = I + proportional * clip(e, -1, 1).
-
-    lambda never exceeds ``max_lambda`` (anti-windup: the integral stops there too).
-
-    The prediction is what damps it: the latents answer a change of lambda a few hundred steps late, so a
-    controller on the present error keeps raising lambda while the size is already falling fast towards the target
-    and overshoots below it.
-
-    The estimated file is S = B + O, O the overhead (tables, raw tensors, description), and the overhead is re-measured from the real coded size
-    (``EPRModel.size_report``) every ``calibration`` updates and at every update in the last tenth of the schedule, so
-    that the estimate equals the real size where it matters. T(t) descends from S at the first update
-    to the target over the first ``ramp`` fraction of the steps, then holds: lambda grows with the size it can
-    reach instead of winding up while the latents lag behind (an integral on a fixed target overshoots below it,
-    and latents driven to zero do not come back). The state is a few floats (JSON), restored on resume; the
-    updates are deterministic functions of the model's state, identical on every process.
-    """
-
-    def __init__(self, target: float, log_lambda: float, interval: int, gain: float, max_change: float, ramp: float,
-                 calibration: int, proportional: float = 0.0, horizon: float = 0.0, glide: float = 0.0,
-                 max_lambda: float = math.inf):
-        self.target, self.interval, self.gain, self.max_change = target, interval, gain, max_change
-        self.proportional, self.horizon, self.glide = proportional, horizon, glide
-        self.integral = log_lambda
-        self.max_lambda = max_lambda
-        self.error: float | None = None
-        self.trend: float | None = None  # smoothed change of the error per update
-        self.bits: float | None = None
-        self.last_path: float | None = None
-        self.ramp, self.calibration = ramp, calibration
-        self.log_lambda = log_lambda
-        self.start: float | None = None  # estimated size at the first update
-        self.overhead: float | None = None  # real bytes - bits / 8 at the last calibration
-        self.updates = 0
-        self.estimate: float | None = None
-        self.real: float | None = None
-        self.trim = 0.0  # shift of every log step size applied at the end (see EPRTrainer.trim_to_target)
-
-    @property
-    def rate_lambda(self) -> float:
-        return math.exp(self.log_lambda)
-
-    def path(self, step: int, max_steps: int) -> float:
-        """The size target at ``step``. Over the ramp (s = step / ramp steps) it descends from the starting size to
-        (1 + glide) x target, in log size along 1 - (1 - s)^2: fast at first, where the size falls by itself as the
-        step sizes grow, and flat at the end, so that the size arrives without momentum. Then it glides down to the
-        target, reached at the last step: in the annealing end of the schedule the size keeps
-        falling by itself and lowering lambda hardly raises it again, so the controller should meet the target
-        from above, pushing down."""
-        if self.start is None or self.start <= self.target:
-            return self.target
-        ramp_steps = self.ramp * max_steps
-        high = math.log(self.target * (1 + self.glide))
-        if step < ramp_steps:
-            s = 1 - (1 - step / ramp_steps) ** 2
-            return math.exp((1 - s) * math.log(self.start) + s * high)
-        s = min(1.0, (step - ramp_steps) / max(1.0, max_steps - ramp_steps))
-        return math.exp((1 - s) * high + s * math.log(self.target))
-
-    def needs_real_size(self, step: int, max_steps: int) -> bool:
-        return self.overhead is None or self.updates % self.calibration == 0 or step >= 0.9 * max_steps
-
-    def update(self, step: int, max_steps: int, bits: float, real_bytes: float | None) -> float:
-        """One controller step; returns the new rate_lambda."""
-        if real_bytes is not None:
-            self.overhead, self.real = real_bytes - bits / 8, real_bytes
-        self.estimate = bits / 8 + self.overhead
-        if self.start is None:
-            self.start = self.estimate
-        path = self.path(step, max_steps)
-        # the error of the part lambda controls: the latents' bits against the budget the overhead leaves them
-        budget = path - self.overhead
-        error = math.log(max(bits / 8, 1.0) / budget) if budget > 1.0 else 1.0
-        if self.bits is not None:  # trend of the error per update: of the bits (no calibration jumps), less the path's
-            change = math.log(max(bits, 1.0) / max(self.bits, 1.0)) - math.log(path / self.last_path)
-            self.trend = change if self.trend is None else 0.5 * self.trend + 0.5 * change
-        self.bits, self.last_path, self.error = bits, path, error
-        predicted = error + self.horizon * (self.trend or 0.0)
-        self.integral += max(-self.max_change, min(self.max_change, self.gain * predicted))
-        self.integral = min(self.integral, math.log(self.max_lambda))
-        self.log_lambda = min(self.integral + self.proportional * max(-1.0, min(1.0, error)), math.log(self.max_lambda))
-        self.updates += 1
-        return self.rate_lambda
-
-    def size_error(self) -> float | None:
-        """Estimated size / final target - 1 at the last update."""
-        return None if self.estimate is None else self.estimate / self.target - 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("log_lambda", "integral", "error", "trend", "bits", "last_path", "trim", "start", "overhead", "updates", "estimate", "real")}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-class _TargetSizeCallback(TrainerCallback):
-    """Runs the trainer's size controller after every ``target_interval``-th optimizer step."""
-
-    def __init__(self, trainer: "EPRTrainer"):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % args.target_interval == 0:
-            self.trainer.update_rate_lambda(state.global_step, state.max_steps)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.trim_to_target()
-
-
 def _label_status(labels: torch.Tensor) -> str:
     """"all" labels known, "some" unknown (-1) or "none" known."""
     unknown = labels < 0
@@ -360,7 +183,7 @@ class EPRTrainer(Trainer):
                                                   args.target_calibration_interval, args.target_proportional,
                                                   args.target_horizon, args.target_glide, args.target_max_lambda)
             self.rate_lambda = start
-            self.add_callback(_TargetSizeCallback(self))
+            self.add_callback(TargetSizeCallback(self))
 
     def _global_mean(self, values: list[float]) -> list[float]:
         """Mean of each value over the processes (identity in a single process); every rank must call it."""
@@ -385,44 +208,15 @@ class EPRTrainer(Trainer):
                 real = float(epr.size_report()["total_bytes"])
         self.rate_lambda = ctl.update(step, max_steps, epr.empirical_bits(), real)
 
-    @torch.no_grad()
     def trim_to_target(self, iterations: int = 24) -> float:
-        """Target-size mode, at the end of training: if the real coded size is off the target by more than a third
-        of ``target_tolerance``, scale every quantization step by one common factor (a bisection on a shift of all
-        log step sizes: coarser steps, fewer bits) until it is within, or as close as it gets. The decoded weights
-        stay where they were, re-rounded on the new grid, so the function changes little; the controller has done
-        the rest. Returns the applied shift of log(step) (0: none); logs it and the size error."""
-        ctl = self.size_controller
-        if ctl is None:
+        """Target-size mode, at the end of training: :func:`~hf_epr.target_size.trim_to_target` on this run's model;
+        logs the applied shift of log(step) and the size error before and after. Returns the shift (0: none)."""
+        if self.size_controller is None:
             return 0.0
         epr = self.accelerator.unwrap_model(self.model)
-        goal = self.args.target_tolerance / 3
-        with epr.full_parameters():
-            size = lambda: float(epr.size_report()["total_bytes"])  # noqa: E731
-            error = size() / ctl.target - 1
-            best = (abs(error), 0.0)
-            if abs(error) > goal:
-                log_steps = [t.log_step for t in epr.latent_tensors()]  # views into the decoders' parameters
-                base = [v.clone() for v in log_steps]
-
-                def shift_by(d: float) -> None:
-                    for v, b in zip(log_steps, base):
-                        v.copy_(b + d)
-
-                lo, hi = (0.0, 1.0) if error > 0 else (-1.0, 0.0)
-                for _ in range(iterations):
-                    mid = (lo + hi) / 2
-                    shift_by(mid)
-                    e = size() / ctl.target - 1
-                    best = min(best, (abs(e), mid))
-                    if abs(e) <= goal:
-                        break
-                    lo, hi = (mid, hi) if e > 0 else (lo, mid)
-                shift_by(best[1])
-            final = size() / ctl.target - 1 if best[1] else error
-        ctl.trim = best[1]
-        self.log({"trim_log_step": best[1], "size_error_before_trim": error, "size_error_after_trim": final})
-        return best[1]
+        shift, before, after = trim_to_target(epr, self.size_controller, self.args.target_tolerance / 3, iterations)
+        self.log({"trim_log_step": shift, "size_error_before_trim": before, "size_error_after_trim": after})
+        return shift
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -542,7 +336,7 @@ class EPRTrainer(Trainer):
         training batches' accuracy and agreement with the teacher. All are global over the processes."""
         if self._acc and "loss" in logs:  # a training log: every process gets here (after a gather)
             keys = sorted(self._acc)
-            sums = self._reduce(_floats([v for k in keys for v in self._acc[k]]), "sum")
+            sums = self._reduce(host_floats([v for k in keys for v in self._acc[k]]), "sum")
             logs.update({k: sums[2 * i] / sums[2 * i + 1] for i, k in enumerate(keys) if sums[2 * i + 1] > 0})
             bits = self.accelerator.unwrap_model(self.model).exact_bits()  # of the rounded latents, now
             logs["bits"] = bits
@@ -620,7 +414,7 @@ class EPRTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         epr = self.accelerator.unwrap_model(self.model)
         state = epr.host_state_dict()  # every process (a collective under FSDP2); the main one writes
-        log_sums = {k: _floats(v) for k, v in self._acc.items()}
+        log_sums = {k: host_floats(v) for k, v in self._acc.items()}
         if self.args.should_save:
             from safetensors.torch import save_file
 

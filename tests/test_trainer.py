@@ -14,8 +14,7 @@ from hf_epr import EPRConfig, EPRModel
 from hf_epr.format import WEIGHTS_NAME
 from hf_epr.testing import mnist_reference, mnist_subset
 from hf_epr import EPRError
-from hf_epr.trainer import (POLICY_STATE, TRAINING_STATE, EPRTrainer, EPRTrainingArguments, EPRTrainingError,
-                            SizeController)
+from hf_epr.trainer import POLICY_STATE, TRAINING_STATE, EPRTrainer, EPRTrainingArguments, EPRTrainingError
 
 TARGET_RATIO, TARGET_STEPS, RAMP, START = 25.0, 300, 0.5, 0.05  # lambda starts low and rises to the target
 
@@ -167,21 +166,3 @@ def test_target_size_bad_arguments(tmp_path):
         with pytest.raises(EPRTrainingError):
             EPRTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **bad)
     assert issubclass(EPRTrainingError, EPRError)
-
-
-def test_size_controller_is_deterministic_and_resumable():
-    """Same inputs, same lambdas; a controller restored from its JSON state continues identically."""
-    def run(ctl, steps, sizes):
-        return [ctl.update(s, 100, 8 * b, b + 50.0 if s % 30 == 10 else None) for s, b in zip(steps, sizes)]
-
-    sizes = [4000.0 * 0.97 ** i for i in range(10)]
-    steps = list(range(10, 110, 10))
-    make = lambda: SizeController(1000.0, math.log(0.5), 10, 0.05, 0.1, 0.5, 3, 1.0)  # noqa: E731
-    full = run(make(), steps, sizes)
-    first = make()
-    run(first, steps[:4], sizes[:4])
-    resumed = make()
-    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-    assert run(resumed, steps[4:], sizes[4:]) == full[4:]
-    assert full == run(make(), steps, sizes)
-    assert full[-1] > full[0]  # above its target the size pushes lambda up
