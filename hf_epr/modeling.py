@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from .config import EPRConfig, EPRConfigError
-from .entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram
+from .entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram, noise_rate
 from .format.coders import histogram_table
 from .format.configuration_epr import CONFIG_MODEL_TYPE, HUB_KWARGS, EPRCompressedConfig
 from .format.container import WEIGHTS_NAME, CodedGroup, Container, atomic_write, read_container
@@ -132,13 +132,14 @@ class EPRModel(PreTrainedModel):
 
     def bits(self) -> torch.Tensor:
         """Differentiable estimate of the coded size of all latents, in bits (a 0-dim float32 tensor): in training
-        with ``rate_relaxation="noise"`` the expected bits of the latents plus uniform noise, otherwise the bits of
-        the rounded latents (straight-through slope). Always computed in float32, also under autocast."""
+        with ``rate_relaxation="noise"`` the bits of the latents plus one uniform noise draw each, otherwise the
+        bits of the rounded latents (straight-through slope). Always computed in float32, also under autocast."""
         if not self.entries:
             return torch.zeros((), device=self.device)
         noise = self.training and self.epr_config.rate_relaxation == "noise"
         with torch.autocast(self.device.type, enabled=False):
-            return grid_rate(self.density, self.latent_tensors(), resolution=4 if noise else 1, smooth=noise)
+            tensors = self.latent_tensors()
+            return noise_rate(self.density, tensors) if noise else grid_rate(self.density, tensors)
 
     @torch.no_grad()
     def exact_bits(self) -> float:

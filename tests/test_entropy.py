@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_epr import EPRConfig, EPRModel
-from hf_epr.entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram
+from hf_epr.entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram, noise_rate
 from hf_epr.format.decoders import AffineKind, DCTKind
 from hf_epr.testing import tiny_model
 
@@ -71,6 +71,30 @@ def test_relaxed_rate_and_gradients_match_the_expectation_over_noise(scale, kind
     assert float(fast.detach()) == pytest.approx(float(total.detach()), rel=5e-3)
     assert torch.corrcoef(torch.stack([fast_grads[0].reshape(-1), z.grad.reshape(-1)]))[0, 1] > 0.97
     assert torch.allclose(fast_grads[1], params.grad, rtol=0.05, atol=0.05 * float(params.grad.abs().max()))
+
+
+@pytest.mark.parametrize("scale,kind", [(3.0, "affine"), (900.0, "affine"), (3.0, "dct")])
+def test_sampled_noise_rate_averages_to_the_expected_rate(scale, kind):
+    """The training rate (one noise draw per latent) averaged over draws: the deterministic expectation's value
+    and gradients (latents, log step, shift)."""
+    torch.manual_seed(0)
+    density = FactorizedDensity(1 if kind == "affine" else 2, init_scales=torch.full((2,), scale)[:1 + (kind == "dct")])
+    shape = (3000,) if kind == "affine" else (60, 10, 3, 3)
+    spec = AffineKind(shape) if kind == "affine" else DCTKind(shape, coef_group=[0, 1, 1, 1, 1, 1, 1, 1, 1])
+    z = (torch.randn(shape) * scale / 3 * 0.01 + 0.002).requires_grad_()
+    params = torch.tensor([-4.6052, 0.002] if kind == "affine" else [-4.6052, -4.0]).requires_grad_()
+    log_step, shift = spec.params_split(params)
+    tensors = [LatentTensor(z, spec, log_step, shift)]
+    expected = grid_rate(density, tensors, resolution=4, smooth=True)
+    expected.backward()
+    expected_grads = (z.grad.clone(), params.grad.clone())
+    z.grad, params.grad = None, None
+    draws = 64
+    mean = sum(noise_rate(density, tensors) for _ in range(draws)) / draws
+    mean.backward()
+    assert float(mean.detach()) == pytest.approx(float(expected.detach()), rel=1e-2)
+    assert torch.corrcoef(torch.stack([expected_grads[0].reshape(-1), z.grad.reshape(-1)]))[0, 1] > 0.9
+    assert torch.allclose(expected_grads[1], params.grad, rtol=0.05, atol=0.05 * float(params.grad.abs().max()))
 
 
 def test_histogram_places_every_latent_in_its_channel():
