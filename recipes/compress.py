@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Compress an image classifier with EPR in one fine-tuning run, keeping the reference model's labels.
 
-    python recipes/compress.py        # embedded default: offline real MNIST, a LeNet5 reference trained first
-                                      # (writes outputs/lenet5-mnist-epr/)
+    python recipes/compress.py        # embedded default: offline real MNIST, a LeNet5 reference trained first,
+                                      # compressed 200x (--target_ratio 200; writes outputs/lenet5-mnist-epr/)
 
     python recipes/compress.py --model_name_or_path <hub id or folder> --dataset_name <hub id or folder> \\
-        [--ignore_mismatched_sizes True] --rate_lambda 0.5 --label_preservation auto \\
+        [--ignore_mismatched_sizes True] [--target_ratio 50 | --target_bytes 2000000 | --rate_lambda 0.5] \\
         [--push_to_hub --hub_model_id me/name]      # writes outputs/<model name>-epr/ unless --output_dir is given
 
     accelerate launch --config_file recipes/accelerate_cpu.yaml recipes/compress.py --use_cpu True ...  # 2 CPU processes
@@ -104,6 +104,7 @@ class DataArguments:
 DEFAULTS = dict(max_steps=1500, per_device_train_batch_size=64, per_device_eval_batch_size=256, learning_rate=1e-3,
                 lr_scheduler_type="linear", rate_lambda=0.5, logging_steps=50, save_strategy="no", eval_strategy="no",
                 report_to="none", seed=0)
+DEFAULT_RUN_TARGET_RATIO = 200.0  # the embedded default run asks for a size, not a lambda (target-size mode)
 
 
 def _name(path_or_id: str) -> str:
@@ -385,6 +386,9 @@ def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, E
     known, _ = parser.parse_known_args(args=argv)
     if known.output_dir is None:
         parser.set_defaults(output_dir=default_output_dir(known.model_name_or_path, known.dataset_name))
+    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    if not ({"--model_name_or_path", "--dataset_name", "--rate_lambda", "--target_ratio", "--target_bytes"} & given):
+        parser.set_defaults(target_ratio=DEFAULT_RUN_TARGET_RATIO)
     try:
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # the arguments' own checks (EPRTrainingError is a ValueError)

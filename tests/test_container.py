@@ -19,6 +19,7 @@ from hf_epr.format.coders import table_counts, varints
 from hf_epr.format.container import digest_of, encode_groups, parse_container, safetensors_bytes
 from hf_epr.format.decoders import DECODER_KINDS, AffineKind
 from hf_epr.format.latents import decode_latents
+from hf_epr.models import LeNetConfig, LeNetForImageClassification
 from hf_epr.testing import small_container, tiny_inputs, tiny_model, train_a_few_steps
 
 
@@ -158,6 +159,16 @@ def test_the_lean_container_costs_little_beyond_its_coded_bits():
     report = c.size_report()
     coded = sum(g.ideal_bits(c.precision) for g in c.groups) / 8
     assert report["total_bytes"] - coded - 12 - 16 <= 300  # 12 B raw floats, 16 B decoder parameters
+
+
+def test_fixed_cost_of_a_lenet5_file():
+    """A LeNet5-Caffe file (431 k parameters, 11 coded groups): bytes beyond the latents' ideal code length and the
+    raw tensors (safetensors header, description, tables, decoder parameters) stay under 600 B."""
+    torch.manual_seed(0)
+    model = EPRModel.from_base(LeNetForImageClassification(LeNetConfig(variant="lenet5")), EPRConfig(init_step_ratio=1.0))
+    report = model.size_report()
+    assert 0 < report["total_bytes"] - report["ideal_bytes"] <= 600
+    assert report["container_overhead_bytes"] <= 400  # all but the tables
 
 
 def test_truncated_and_flipped():

@@ -101,6 +101,18 @@ def test_recipe_tiny_budget(tmp_path, capsys):
     EPRModel.from_pretrained(tmp_path)  # the repo loads back
 
 
+def test_the_default_run_asks_for_a_size():
+    """The embedded default run is in target-size mode; a lambda, a target or the user's own model or data leave
+    the size to the user."""
+    target = lambda *argv: recipe().parse_args(list(argv))[2].target_ratio  # noqa: E731
+    assert target() == recipe().DEFAULT_RUN_TARGET_RATIO
+    assert target("--max_steps", "10") == recipe().DEFAULT_RUN_TARGET_RATIO
+    assert target("--rate_lambda", "1.5") is None
+    assert target("--target_ratio=50") == 50
+    assert target("--dataset_name", "somewhere") is None
+    assert recipe().parse_args(["--target_bytes", "9000"])[2].target_ratio is None
+
+
 def test_default_output_dir_is_named_after_the_model(tmp_path):
     parse = lambda *argv: recipe().parse_args(list(argv))[2].output_dir  # noqa: E731
     assert parse() == os.path.join("outputs", "lenet5-mnist-epr")

@@ -6,7 +6,7 @@ from typing import ClassVar
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
@@ -14,7 +14,7 @@ VARIANTS = ("lenet5", "lenet300-100")
 
 
 @strict
-class LeNetConfig(PretrainedConfig):
+class LeNetConfig(PreTrainedConfig):
     """``variant``: "lenet5" (LeNet5-Caffe, 431,080 params) or "lenet300-100" (MLP 784-300-100-10, 266,610 params).
 
     Like transformers 5.x's own configs this is a (strict, type-checked) dataclass: fields are class annotations.
