@@ -3,10 +3,13 @@
     python benchmarks/step_time.py            # LeNet-300-100, LeNet5 and a small ResNet; 300 steps, batch 64
     python benchmarks/step_time.py --quick    # 40 steps
 
-The runs alternate in one process (plain, EPR off, EPR auto, repeated) so machine noise hits all of them;
+The runs alternate in one process (plain, EPR without label preservation, EPR with the default label preservation
+— 'fixed' with the teacher terms also on a warped and mixed copy of each batch — repeated) so machine noise hits
+all of them;
 the table reports the median of the repeats and the ratios. The data are in-memory tensors (an Arrow-backed
 dataset's row formatting would add the same constant to every trainer and hide the ratio). A second table splits
-the EPR overhead: the rate term alone (``bits()`` forward and backward) per step, against the plain step.
+the EPR overhead: the rate term alone (``bits()`` forward and backward) per step, against the plain step; a third
+measures the rate term's throughput on larger models (a 5 M-parameter ResNet and ResNet-50).
 Writes ``benchmarks/results/step_time.{md,json}``.
 """
 
@@ -18,7 +21,7 @@ import statistics
 import time
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import AutoModelForImageClassification, ResNetConfig, Trainer, TrainingArguments
 
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import TensorRows, load_mnist, mnist_pixel_values
@@ -36,11 +39,19 @@ def seconds_per_step(kind: str, base, data, steps: int, out: str) -> float:
     if kind == "plain":
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data)
     else:
-        lp = "off" if kind == "epr (label preservation off)" else "auto"
+        lp = "off" if kind == OFF else EPRTrainingArguments.label_preservation  # the package default
         epr = EPRModel.from_base(model, EPRConfig(rate_lambda=0.5, init_step_ratio=1 / 64))
         trainer = EPRTrainer(model=epr, reference_model=base if lp != "off" else None, train_dataset=data,
                              args=EPRTrainingArguments(label_preservation=lp, **common))
     return trainer.train().metrics["train_runtime"] / steps
+
+
+OFF, DEFAULT = "epr (label preservation off)", "epr (default label preservation)"
+THROUGHPUT_MODELS = {
+    "resnet-5M": lambda: ResNetConfig(num_labels=10, layer_type="basic", embedding_size=64,
+                                      hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1]),
+    "resnet50-25M": lambda: ResNetConfig(num_labels=1000),
+}
 
 
 def rate_term_seconds(base, calls: int) -> float:
@@ -61,7 +72,7 @@ def main() -> None:
     steps, repeats = (40, 1) if args.quick else (300, 3)
     x, y = load_mnist("train")
     data = TensorRows({"pixel_values": mnist_pixel_values(x), "labels": torch.from_numpy(y)})
-    kinds = ["plain", "epr (label preservation off)", "epr (label preservation auto)"]
+    kinds = ["plain", OFF, DEFAULT]
     rows, parts = [], []
     for variant in MNIST_MODELS:
         torch.manual_seed(0)
@@ -79,13 +90,22 @@ def main() -> None:
         parts.append({"model": variant, "parameters": sum(p.numel() for p in base.parameters()),
                       "plain_ms": round(1000 * plain, 2), "rate_term_ms": round(1000 * rate, 2),
                       "rate_over_plain": round(rate / plain, 2)})
+    throughput = []
+    for name, config in THROUGHPUT_MODELS.items():
+        torch.manual_seed(0)
+        base = AutoModelForImageClassification.from_config(config()).eval()
+        n = EPRModel.from_base(copy.deepcopy(base)).num_compressed_parameters
+        rate = rate_term_seconds(base, 3 if args.quick else 10)
+        throughput.append({"model": name, "latents_M": round(n / 1e6, 2), "rate_term_ms": round(1000 * rate, 1),
+                           "M_latents_per_s": round(n / rate / 1e6, 1)})
     text = (f"Batch 64, {steps} steps, median of {repeats}; torch threads: {torch.get_num_threads()}\n\n"
             + markdown_table(rows, {"model": "model", "trainer": "method", "ms / step": "ms_per_step",
                                     "ratio vs plain Trainer": "ratio_vs_plain"}) + "\n\n"
             + markdown_table(parts, {"model": "model", "parameters": "parameters", "plain step ms": "plain_ms",
                                      "rate term ms (bits() fwd+bwd)": "rate_term_ms",
-                                     "rate / plain step": "rate_over_plain"}))
-    save_results("step_time", text, {"rows": rows, "rate_term": parts}, quick=args.quick)
+                                     "rate / plain step": "rate_over_plain"})
+            + "\n\nRate term throughput (bits() forward and backward, training mode)\n\n" + markdown_table(throughput))
+    save_results("step_time", text, {"rows": rows, "rate_term": parts, "throughput": throughput}, quick=args.quick)
 
 
 if __name__ == "__main__":

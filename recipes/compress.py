@@ -101,7 +101,7 @@ class DataArguments:
                 "row formatting costs more than a LeNet step); larger splits stay Arrow-backed."})
 
 
-DEFAULTS = dict(max_steps=1500, per_device_train_batch_size=64, per_device_eval_batch_size=256, learning_rate=1e-3,
+DEFAULTS = dict(max_steps=2000, per_device_train_batch_size=64, per_device_eval_batch_size=256, learning_rate=1e-3,
                 lr_scheduler_type="linear", rate_lambda=0.5, logging_steps=50, save_strategy="no", eval_strategy="no",
                 report_to="none", seed=0)
 DEFAULT_RUN_TARGET_RATIO = 200.0  # the embedded default run asks for a size, not a lambda (target-size mode)

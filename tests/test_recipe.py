@@ -92,7 +92,7 @@ def test_recipe_tiny_budget(tmp_path, capsys):
     assert "| run | fp32 KB | compressed KB | ratio |" in printed
     assert (tmp_path / "rate_accuracy.png").stat().st_size > 1000
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["label_preservation"] for r in rows] == ["auto", "off"]
+    assert [r["label_preservation"] for r in rows] == ["fixed", "off"]
     assert rows[0]["bytes"] == (tmp_path / WEIGHTS_NAME).stat().st_size
     assert all(r["mismatches"] is not None and 0 <= r["accuracy"] <= 1 for r in rows)
     digits = {str(i): str(i) for i in range(10)}  # the reference's labels are the dataset's ClassLabel names
@@ -175,7 +175,7 @@ def test_unlabeled_images_with_a_model(tmp_path, capsys):
     rows = run_recipe(["--model_name_or_path", str(model), "--dataset_name", str(data), "--label_column", "",
                        "--output_dir", str(tmp_path / "out"), *TINY])["rows"]
     assert rows[0]["accuracy"] is None and rows[0]["mismatches"] is not None  # agreement with the model only
-    assert "| EPR, label preservation auto |" in capsys.readouterr().out
+    assert "| EPR, label preservation fixed |" in capsys.readouterr().out
 
 
 def test_missing_local_path_is_one_line(tmp_path):
@@ -201,8 +201,8 @@ def test_user_errors(tmp_path, argv, message):
 
 @pytest.mark.slow
 def test_label_preservation_reduces_mismatches(tmp_path):
-    rows = run_recipe(["--output_dir", str(tmp_path), "--max_steps", "400", "--reference_epochs", "3",
+    rows = run_recipe(["--output_dir", str(tmp_path), "--max_steps", "400", "--reference_epochs", "3", "--rate_lambda", "0.5",
                        "--max_eval_samples", "5000", "--disable_tqdm", "True", "--logging_steps", "50"])["rows"]
     with_lp, without = rows
-    assert with_lp["label_preservation"] == "auto" and without["label_preservation"] == "off"
+    assert with_lp["label_preservation"] == "fixed" and without["label_preservation"] == "off"
     assert with_lp["mismatches"] <= without["mismatches"]
