@@ -414,8 +414,9 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
-def run(models: list[str], quick: bool) -> list[dict]:
-    """Train each reference, compress it with the peers and with EPR; one row per result."""
+def run(models: list[str], quick: bool, peers_only: bool = False) -> list[dict]:
+    """Train each reference, compress it with the peers and with EPR (not with ``peers_only``); one row per
+    result."""
     xtr, ytr = load_mnist("train")
     xte, yte = load_mnist("test")
     data = Dataset.from_dict({"pixel_values": mnist_pixel_values(xtr).numpy(), "labels": ytr}).with_format("torch")
@@ -427,6 +428,8 @@ def run(models: list[str], quick: bool) -> list[dict]:
         fp32 = 4 * sum(v.numel() for v in reference.state_dict().values())
         rows += peer_rows(name, reference, x, yte, ref_preds, fp32, quick)
         print(f"[{time.time() - t0:.0f}s] {name}: reference and peers", flush=True)
+        if peers_only:
+            continue
         n_steps = 60 if quick else STEPS[name]
         ratios = [10] if quick else RATIOS[name]
         runs = [(ratio, DEFAULT_POLICY, 0) for ratio in ratios]
@@ -505,10 +508,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run")
     parser.add_argument("--models", nargs="*", default=["lenet5", "lenet300-100", "resnet"])
+    parser.add_argument("--peers-only", metavar="JSON", help="only the references and the peers (for an environment "
+                        "where the peer codecs are installed), written to JSON; --merge-peers adds them to a run's rows")
+    parser.add_argument("--merge-peers", nargs=2, metavar=("RUN_JSON", "PEERS_JSON"), help="render the tables from "
+                        "a run's rows with the peer rows of a --peers-only run of the same references (checked: "
+                        "equal reference test errors)")
     parser.add_argument("--tables-from", metavar="JSON", help="only re-render the tables and plot from the rows of "
                         "an earlier run's JSON (no training)")
     args = parser.parse_args()
     suffix = "_quick" if args.quick else ""
+    if args.peers_only:
+        Path(args.peers_only).write_text(json.dumps(run(args.models, args.quick, peers_only=True), default=float))
+        return
+    if args.merge_peers:
+        stored, peers = (json.loads(Path(f).read_text()) for f in args.merge_peers)
+        rows = stored["rows"] if isinstance(stored, dict) else stored
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        for model in models:
+            ours = next(r for r in rows if r["model"] == model and r["method"] == "fp32")
+            theirs = next(r for r in peers if r["model"] == model and r["method"] == "fp32")
+            if abs(ours["test_error"] - theirs["test_error"]) > 1e-9:
+                raise SystemExit(f"{model}: the peers' reference differs (test error {theirs['test_error']} vs "
+                                 f"{ours['test_error']})")
+        rows = [r for r in peers if r["model"] in models] + [r for r in rows if r["method"] == "epr"]
+        order = {m: i for i, m in enumerate(models)}
+        rows.sort(key=lambda r: order[r["model"]])  # stable: peers first, then EPR, per model
+        report(rows, models, suffix, stored.get("wall_s", float("nan")) if isinstance(stored, dict) else float("nan"))
+        return
     if args.tables_from:
         stored = json.loads(Path(args.tables_from).read_text())
         rows = stored["rows"] if isinstance(stored, dict) else stored  # a results JSON, or the rows of ROWS_DUMP
