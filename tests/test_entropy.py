@@ -46,16 +46,23 @@ def test_noise_relaxation_tracks_exact_bits_and_reaches_every_parameter():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["density"])
 
 
-@pytest.mark.parametrize("scale,kind", [(3.0, "affine"), (900.0, "affine"), (3.0, "dct")])  # unit bins, wide bins
-def test_relaxed_rate_and_gradients_match_the_expectation_over_noise(scale, kind):
-    """Value and gradients (latents, log step, shift) against a Monte-Carlo expectation of -log2 p(u + noise)
-    computed with one density call per sample."""
+def toy_latents(scale: float, kind: str):
+    """A density, a decoder kind, latents and decoder parameters for one affine or DCT tensor (seeded)."""
     torch.manual_seed(0)
     density = FactorizedDensity(1 if kind == "affine" else 2, init_scales=torch.full((2,), scale)[:1 + (kind == "dct")])
     shape = (3000,) if kind == "affine" else (60, 10, 3, 3)
     spec = AffineKind(shape) if kind == "affine" else DCTKind(shape, coef_group=[0, 1, 1, 1, 1, 1, 1, 1, 1])
     z = (torch.randn(shape) * scale / 3 * 0.01 + 0.002).requires_grad_()
     params = torch.tensor([-4.6052, 0.002] if kind == "affine" else [-4.6052, -4.0]).requires_grad_()
+    return density, spec, z, params
+
+
+@pytest.mark.parametrize("scale,kind", [(3.0, "affine"), (900.0, "affine"), (3.0, "dct")])  # unit bins, wide bins
+def test_relaxed_rate_and_gradients_match_the_expectation_over_noise(scale, kind):
+    """Value and gradients (latents, log step, shift) against a Monte-Carlo expectation of -log2 p(u + noise)
+    computed with one density call per sample."""
+    density, spec, z, params = toy_latents(scale, kind)
+    shape = z.shape
     log_step, shift = spec.params_split(params)
     fast = grid_rate(density, [LatentTensor(z, spec, log_step, shift)], resolution=4, smooth=True)
     fast.backward()
@@ -77,12 +84,7 @@ def test_relaxed_rate_and_gradients_match_the_expectation_over_noise(scale, kind
 def test_sampled_noise_rate_averages_to_the_expected_rate(scale, kind):
     """The training rate (one noise draw per latent) averaged over draws: the deterministic expectation's value
     and gradients (latents, log step, shift)."""
-    torch.manual_seed(0)
-    density = FactorizedDensity(1 if kind == "affine" else 2, init_scales=torch.full((2,), scale)[:1 + (kind == "dct")])
-    shape = (3000,) if kind == "affine" else (60, 10, 3, 3)
-    spec = AffineKind(shape) if kind == "affine" else DCTKind(shape, coef_group=[0, 1, 1, 1, 1, 1, 1, 1, 1])
-    z = (torch.randn(shape) * scale / 3 * 0.01 + 0.002).requires_grad_()
-    params = torch.tensor([-4.6052, 0.002] if kind == "affine" else [-4.6052, -4.0]).requires_grad_()
+    density, spec, z, params = toy_latents(scale, kind)
     log_step, shift = spec.params_split(params)
     tensors = [LatentTensor(z, spec, log_step, shift)]
     expected = grid_rate(density, tensors, resolution=4, smooth=True)
