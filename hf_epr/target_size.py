@@ -15,7 +15,8 @@ class SizeController:
     """Target-size mode: rate_lambda is adjusted during training so that the coded file lands on a target size.
 
     A PI controller on the log of the size (dual ascent with a proportional term for damping) that acts on the
-    error it predicts ``horizon`` updates ahead: every ``interval`` optimizer steps, with B the bits of the rounded
+    error it predicts ``horizon`` updates ahead: at every update (the trainer calls it every ``target_interval``
+    optimizer steps), with B the bits of the rounded
     latents under their own histograms / 8 (``EPRModel.empirical_bits``: what the coded stream costs; the learned
     density's bits lag behind it while the latents move fast), O the overhead (below), T(t) the target at step t, e = log(B / (T(t) - O)) (the error of
     the part that lambda controls: in a model with many raw tensors a 5% file error is a 20% latent error), and
@@ -39,14 +40,15 @@ class SizeController:
     updates are deterministic functions of the model's state, identical on every process.
     """
 
-    def __init__(self, target: float, log_lambda: float, interval: int, gain: float, max_change: float, ramp: float,
+    STATE = ("log_lambda", "integral", "trend", "bits", "last_path", "trim", "start", "overhead", "updates", "estimate")
+
+    def __init__(self, target: float, log_lambda: float, gain: float, max_change: float, ramp: float,
                  calibration: int, proportional: float = 0.0, horizon: float = 0.0, glide: float = 0.0,
                  max_lambda: float = math.inf):
-        self.target, self.interval, self.gain, self.max_change = target, interval, gain, max_change
+        self.target, self.gain, self.max_change = target, gain, max_change
         self.proportional, self.horizon, self.glide = proportional, horizon, glide
         self.integral = log_lambda
         self.max_lambda = max_lambda
-        self.error: float | None = None
         self.trend: float | None = None  # smoothed change of the error per update
         self.bits: float | None = None
         self.last_path: float | None = None
@@ -56,8 +58,7 @@ class SizeController:
         self.overhead: float | None = None  # real bytes - bits / 8 at the last calibration
         self.updates = 0
         self.estimate: float | None = None
-        self.real: float | None = None
-        self.trim = 0.0  # shift of every log step size applied at the end (see EPRTrainer.trim_to_target)
+        self.trim = 0.0  # shift of every log step size applied at the end (see trim_to_target)
 
     @property
     def rate_lambda(self) -> float:
@@ -86,7 +87,7 @@ class SizeController:
     def update(self, step: int, max_steps: int, bits: float, real_bytes: float | None) -> float:
         """One controller step; returns the new rate_lambda."""
         if real_bytes is not None:
-            self.overhead, self.real = real_bytes - bits / 8, real_bytes
+            self.overhead = real_bytes - bits / 8
         self.estimate = bits / 8 + self.overhead
         if self.start is None:
             self.start = self.estimate
@@ -97,7 +98,7 @@ class SizeController:
         if self.bits is not None:  # trend of the error per update: of the bits (no calibration jumps), less the path's
             change = math.log(max(bits, 1.0) / max(self.bits, 1.0)) - math.log(path / self.last_path)
             self.trend = change if self.trend is None else 0.5 * self.trend + 0.5 * change
-        self.bits, self.last_path, self.error = bits, path, error
+        self.bits, self.last_path = bits, path
         predicted = error + self.horizon * (self.trend or 0.0)
         self.integral += max(-self.max_change, min(self.max_change, self.gain * predicted))
         self.integral = min(self.integral, math.log(self.max_lambda))
@@ -110,11 +111,12 @@ class SizeController:
         return None if self.estimate is None else self.estimate / self.target - 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("log_lambda", "integral", "error", "trend", "bits", "last_path", "trim", "start", "overhead", "updates", "estimate", "real")}
+        return {k: getattr(self, k) for k in self.STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
+        for k in self.STATE:
+            if k in state:
+                setattr(self, k, state[k])
 
 
 class TargetSizeCallback(TrainerCallback):

@@ -181,8 +181,8 @@ class EPRTrainer(Trainer):
         if args.target_mode:
             target = args.target_bytes if args.target_bytes is not None else self.fp32_bytes / args.target_ratio
             start = self.rate_lambda if self.rate_lambda > 0 else 0.5
-            self.size_controller = SizeController(float(target), math.log(start), args.target_interval,
-                                                  args.target_gain, args.target_max_change, args.target_ramp,
+            self.size_controller = SizeController(float(target), math.log(start), args.target_gain,
+                                                  args.target_max_change, args.target_ramp,
                                                   args.target_calibration_interval, args.target_proportional,
                                                   args.target_horizon, args.target_glide, args.target_max_lambda)
             self.rate_lambda = start

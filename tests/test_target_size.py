@@ -20,7 +20,7 @@ def test_size_controller_is_deterministic_and_resumable():
 
     sizes = [4000.0 * 0.97 ** i for i in range(10)]
     steps = list(range(10, 110, 10))
-    make = lambda: SizeController(1000.0, math.log(0.5), 10, 0.05, 0.1, 0.5, 3, 1.0)  # noqa: E731
+    make = lambda: SizeController(1000.0, math.log(0.5), 0.05, 0.1, 0.5, 3, 1.0)  # noqa: E731
     full = run(make(), steps, sizes)
     first = make()
     run(first, steps[:4], sizes[:4])
@@ -38,7 +38,7 @@ def test_trim_lands_a_file_on_its_target(scale):
     model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(rate_lambda=0.05))
     train_a_few_steps(model, tiny_inputs("resnet"))
     before = model.size_report()["total_bytes"]
-    controller = SizeController(scale * before, 0.0, 10, 0.3, 0.1, 0.5, 10)
+    controller = SizeController(scale * before, 0.0, 0.3, 0.1, 0.5, 10)
     shift, error, after = trim_to_target(model, controller, goal=0.01)
     assert error == pytest.approx(1 / scale - 1)
     assert abs(after) <= 0.01 and (shift > 0) == (scale < 1) and controller.trim == shift
