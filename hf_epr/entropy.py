@@ -16,6 +16,21 @@ from .format.errors import EPRError
 
 LN2 = math.log(2.0)
 MAX_CELLS = 256  # cells per channel of the rate's grid, above which its resolution is lowered
+DIVERGED = ("the latents or step sizes are not finite: training diverged (lower the learning rates or rate_lambda, "
+            "or resume from an earlier checkpoint)")
+
+
+def integers_per_bin(lo: torch.Tensor, hi: torch.Tensor, max_bins: int) -> torch.Tensor:
+    """Per channel: ceil((hi - lo + 1) / max_bins), the integers one bin holds so that a channel spanning the rounded
+    values lo..hi needs at most ``max_bins`` bins (1 for all but very wide channels)."""
+    return torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")
+
+
+def unit_window_bits(density: "FactorizedDensity", edges: torch.Tensor, count: int, r: int) -> torch.Tensor:
+    """(C, count) bits of unit-wide windows that share their edges: window i spans ``edges[:, i]`` to
+    ``edges[:, i + r]`` (edges 1 / r apart, ``count + r`` per channel): one CDF evaluation per edge."""
+    c = density.cdf_logits(edges)
+    return -density.log_prob_from_logits(c[:, :count], c[:, r: r + count]) / LN2
 
 
 def _pass_through_max(x: torch.Tensor, bound: float) -> torch.Tensor:
@@ -133,7 +148,7 @@ def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_b
     bounds = [t.kind.group_bounds(t.z.detach()) for t in tensors]
     lo = torch.round((torch.cat([b[0] for b in bounds]).double() - shift) / step)
     hi = torch.round((torch.cat([b[1] for b in bounds]).double() - shift) / step)
-    width = torch.floor((hi - lo + max_bins) / max_bins)  # ceil((hi - lo + 1) / max_bins) integers per bin
+    width = integers_per_bin(lo, hi, max_bins)
     channels = lo.numel()
     origin = lo - width - 0.5  # cell 0 starts half an integer below the spare bin
     scale = resolution / (width * step)  # cells per weight unit
@@ -142,8 +157,7 @@ def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_b
     host = torch.cat([torch.stack([torch.floor((hi - lo) / width).max(), (width > 1).any().double()]), scale, offset])
     host = host.tolist()
     if not all(math.isfinite(v) for v in host):
-        raise EPRError("the latents or step sizes are not finite: training diverged (lower the learning rates or "
-                       "rate_lambda, or resume from an earlier checkpoint)")
+        raise EPRError(DIVERGED)
     bins = int(host[0]) + 3  # the widest channel's bins plus a spare bin each side
     while resolution > 1 and bins * resolution > MAX_CELLS:  # wide channels are smooth at the integer scale
         resolution //= 2
@@ -175,9 +189,7 @@ def cell_bits(density: FactorizedDensity, hist: LatentHistogram, smooth: bool = 
     r, k = hist.resolution, hist.cells
     if hist.unit_bins:  # windows [center - 1/2, center + 1/2] share their edges: one CDF evaluation per edge
         j = torch.arange(k + r, dtype=torch.float64, device=hist.origin.device) + 0.5
-        edges = (hist.origin[:, None] - 0.5 + j[None, :] / r).float()
-        c = density.cdf_logits(edges)
-        bits = -density.log_prob_from_logits(c[:, :k], c[:, r: r + k]) / LN2
+        bits = unit_window_bits(density, (hist.origin[:, None] - 0.5 + j[None, :] / r).float(), k, r)
     else:
         half = (hist.width / 2)[:, None].float()
         centers = hist.centers()
@@ -234,53 +246,59 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
     :func:`grid_rate`'s ``smooth`` estimate; training uses the sampled form, whose runs reach smaller files at
     better accuracy than runs on the deterministic expectation (see the README's Results).
     """
-    units, channels, lows, highs, first = [], [], [], [], 0
+    units, lows, highs = [], [], []
     for t in tensors:
-        params = torch.cat([t.log_step, t.shift]) if t.shift is not None else t.log_step
-        u = t.kind.units(t.z, params)
+        u = t.kind.units(t.z, torch.cat([t.log_step, t.shift]) if t.shift is not None else t.log_step)
         lo, hi = t.kind.group_bounds(u.detach())
-        units.append(u.reshape(-1))
+        units.append(u)
         lows.append(lo)
         highs.append(hi)
-        g = t.kind.num_groups
-        channels.append(torch.full((u.numel(),), first, dtype=torch.long, device=u.device) if g == 1
-                        else t.kind.group_index(u.device).reshape(-1) + first)
-        first += g
-    u, channel = torch.cat(units), torch.cat(channels)
     bounds = torch.cat(lows + highs)
-    finite = torch.isfinite(bounds).all()
     lo, hi = torch.round(bounds.nan_to_num(0.0, 0.0, 0.0)).long().chunk(2)
-    step = torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")  # integers per bin
-    widest, finite = torch.stack([torch.div(hi - lo, step, rounding_mode="floor").max(), finite.long()]).tolist()
-    if not finite:  # one host sync for both
-        raise EPRError("the latents or step sizes are not finite: training diverged (lower the learning rates or "
-                       "rate_lambda, or resume from an earlier checkpoint)")
+    step = integers_per_bin(lo, hi, max_bins)
+    # one host sync for the grid's size and the finiteness check
+    widest, finite = torch.stack([torch.div(hi - lo, step, rounding_mode="floor").max(),
+                                  torch.isfinite(bounds).all().long()]).tolist()
+    if not finite:
+        raise EPRError(DIVERGED)
+    dtype, device = units[0].dtype, units[0].device
     m = widest + 3  # bins, with a spare bin each side
-    h = step.to(u.dtype) / resolution  # grid spacing per channel
+    h = step.to(dtype) / resolution  # grid spacing per channel
     points = (m + 1) * resolution
-    origin = (lo - step).to(u.dtype) - 1  # below every noisy value
-    uniform = bool((step == 1).all())
-    if uniform:  # windows [t - 1/2, t + 1/2] share their edges: one CDF evaluation per edge
-        edges = (origin - 0.5).unsqueeze(1) + torch.arange(points + resolution, dtype=u.dtype,
-                                                            device=u.device).unsqueeze(0) / resolution
-        c = density.cdf_logits(edges)
-        f = -density.log_prob_from_logits(c[:, :points], c[:, resolution:]).reshape(-1) / LN2
+    origin = (lo - step).to(dtype) - 1  # below every noisy value
+    if bool((step == 1).all()):
+        edges = (origin - 0.5).unsqueeze(1) + torch.arange(points + resolution, dtype=dtype,
+                                                            device=device).unsqueeze(0) / resolution
+        f = unit_window_bits(density, edges, points, resolution).reshape(-1)
     else:
-        grid = origin.unsqueeze(1) + torch.arange(points, dtype=u.dtype, device=u.device).unsqueeze(0) * h.unsqueeze(1)
+        grid = origin.unsqueeze(1) + torch.arange(points, dtype=dtype, device=device).unsqueeze(0) * h.unsqueeze(1)
         f = (-density.log_prob_between(grid - 0.5, grid + 0.5) / LN2).reshape(-1)
-    # position of each noisy value on its channel's grid: k + w, k integer, 0 <= w < 1
-    inv_h = (1 / h[0]) if uniform else (1 / h)[channel]
-    y = u.detach() + torch.empty_like(u).uniform_(-0.5, 0.5)
-    pos = (y - origin[channel]).mul_(inv_h).clamp_(0, points - 1.001)
-    k = pos.floor()
-    w = pos.sub_(k)
-    base = k.long().add_(channel * points)
+    inv_h = 1 / h
+    flat = torch.cat([u.reshape(-1) for u in units])
+    y = flat.detach() + torch.empty_like(flat).uniform_(-0.5, 0.5)
+    # position of each noisy value on its channel's grid, k + w (k integer, 0 <= w < 1), placed tensor by tensor with
+    # the channel's origin and spacing broadcast over its groups (no per-latent channel index)
+    base = torch.empty(flat.numel(), dtype=torch.long, device=device)
+    w = torch.empty_like(y)
+    spacing, start, first = [], 0, 0  # per tensor: its slice and grid points per integer unit
+    for t, u in zip(tensors, units):
+        n, g, view = u.numel(), t.kind.num_groups, t.kind.group_view
+        ih = view(inv_h[first: first + g])
+        pos = (y[start: start + n].view(u.shape) - view(origin[first: first + g])).mul_(ih).clamp_(0, points - 1.001)
+        k = pos.floor()
+        w[start: start + n].view(u.shape).copy_(pos.sub_(k))
+        offset = view(torch.arange(first, first + g, device=device) * points)
+        torch.add(k.long(), offset, out=base[start: start + n].view(u.shape))
+        spacing.append((start, n, u.shape, ih))
+        start, first = start + n, first + g
     # value: sum_i f[base_i] (1 - w_i) + f[base_i + 1] w_i, the weight of every grid point gathered by bincount
     s = torch.bincount(base, w, minlength=f.numel())
     weight = torch.bincount(base, minlength=f.numel()).to(s.dtype) - s
     weight[1:] += s[:-1]
-    slope = (f[1:] - f[:-1]).detach()  # per grid spacing; times grid points per integer unit below
-    return (f * weight.to(f.dtype)).sum() + _ValueGradient.apply(u, slope[base].mul_(inv_h))
+    grad = (f[1:] - f[:-1]).detach()[base]  # slope per grid spacing, then per integer unit
+    for start, n, shape, ih in spacing:
+        grad[start: start + n].view(shape).mul_(ih)
+    return (f * weight.to(f.dtype)).sum() + _ValueGradient.apply(flat, grad)
 
 
 class _ValueGradient(torch.autograd.Function):
