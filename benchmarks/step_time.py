@@ -9,7 +9,9 @@ all of them;
 the table reports the median of the repeats and the ratios. The data are in-memory tensors (an Arrow-backed
 dataset's row formatting would add the same constant to every trainer and hide the ratio). A second table splits
 the EPR overhead: the rate term alone (``bits()`` forward and backward) per step, against the plain step; a third
-measures the rate term's throughput on larger models (a 5 M-parameter ResNet and ResNet-50).
+measures the rate term's throughput on larger models (a 5 M-parameter ResNet and ResNet-50), with its sums from a
+strided subset of the latents (the default above 4 M latents) and from all of them, and the spread of its value and
+gradients over the calls.
 Writes ``benchmarks/results/step_time.{md,json}``.
 """
 
@@ -23,7 +25,7 @@ import time
 import torch
 from transformers import AutoModelForImageClassification, ResNetConfig, Trainer, TrainingArguments
 
-from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
+from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments, entropy
 from hf_epr.data import TensorRows, load_mnist, mnist_pixel_values
 from hf_epr.results import markdown_table
 
@@ -54,15 +56,24 @@ THROUGHPUT_MODELS = {
 }
 
 
-def rate_term_seconds(base, calls: int) -> float:
-    """Median time of the rate term alone: ``bits()`` forward and backward, as in a training step."""
+def rate_term_seconds(base, calls: int, spread: bool = False):
+    """Median time of the rate term alone: ``bits()`` forward and backward, as in a training step. With ``spread``:
+    also the relative standard deviation, over the calls, of its value and of its gradient to the step sizes."""
     epr = EPRModel.from_base(copy.deepcopy(base), EPRConfig(rate_lambda=0.5, init_step_ratio=1 / 64)).train()
-    times = []
+    times, values, grads = [], [], []
     for _ in range(calls):
         t = time.perf_counter()
-        (epr.bits() / epr.num_compressed_parameters).backward()
+        bits = epr.bits()
+        (bits / epr.num_compressed_parameters).backward()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        values.append(float(bits.detach()))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in epr.parameter_groups()["decoders"]]))
+        epr.zero_grad(set_to_none=True)  # as the Trainer does between steps
+    if not spread:
+        return statistics.median(times)
+    g = torch.stack(grads)
+    return (statistics.median(times), statistics.stdev(values) / statistics.mean(values),
+            float((g - g.mean(0)).pow(2).sum(1).mean().sqrt() / g.mean(0).norm()))
 
 
 def main() -> None:
@@ -95,16 +106,26 @@ def main() -> None:
         torch.manual_seed(0)
         base = AutoModelForImageClassification.from_config(config()).eval()
         n = EPRModel.from_base(copy.deepcopy(base)).num_compressed_parameters
-        rate = rate_term_seconds(base, 3 if args.quick else 10)
-        throughput.append({"model": name, "latents_M": round(n / 1e6, 2), "rate_term_ms": round(1000 * rate, 1),
-                           "M_latents_per_s": round(n / rate / 1e6, 1)})
+        default = entropy.SAMPLED_LATENTS
+        for sample in (default, n):  # sums from a strided subset above SAMPLED_LATENTS (the default), from all
+            entropy.SAMPLED_LATENTS = sample
+            rate, value_spread, grad_spread = rate_term_seconds(base, 4 if args.quick else 12, spread=True)
+            entropy.SAMPLED_LATENTS = default
+            throughput.append({"model": name, "latents_M": round(n / 1e6, 2),
+                               "sums_from": f"1/{-(-n // sample)}" if sample < n else "all",
+                               "rate_term_ms": round(1000 * rate, 1), "M_latents_per_s": round(n / rate / 1e6, 1),
+                               "value_rel_std": float(f"{value_spread:.2g}"),
+                               "step_size_grad_rel_std": float(f"{grad_spread:.2g}")})
     text = (f"Batch 64, {steps} steps, median of {repeats}; torch threads: {torch.get_num_threads()}\n\n"
             + markdown_table(rows, {"model": "model", "trainer": "method", "ms / step": "ms_per_step",
                                     "ratio vs plain Trainer": "ratio_vs_plain"}) + "\n\n"
             + markdown_table(parts, {"model": "model", "parameters": "parameters", "plain step ms": "plain_ms",
                                      "rate term ms (bits() fwd+bwd)": "rate_term_ms",
                                      "rate / plain step": "rate_over_plain"})
-            + "\n\nRate term throughput (bits() forward and backward, training mode)\n\n" + markdown_table(throughput))
+            + "\n\nRate term throughput (bits() forward and backward, training mode). Above 4 M latents the sums that "
+              "give the density's and the step sizes' gradients come from a strided subset of the latents; the "
+              "spreads over the calls (noise draws, and the subset) are shown beside those of sums from all "
+              "latents.\n\n" + markdown_table(throughput))
     save_results("step_time", text, {"rows": rows, "rate_term": parts, "throughput": throughput}, quick=args.quick)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .format.decoders import DecoderKind
+from .format.decoders import DecoderKind, round_latent
 from .format.errors import EPRError
 
 
@@ -99,13 +99,34 @@ class FactorizedDensity(nn.Module):
 
 
 class LatentTensor(NamedTuple):
-    """One compressed tensor as the rate sees it: its latent (weight units), decoder kind, and per-group log step
-    sizes and shifts (None for kinds without shifts). Its groups are consecutive density channels."""
+    """One compressed tensor as the rate sees it: its latent (weight units), decoder kind and the decoder's flat
+    parameters (per-group log step sizes, then shifts for kinds with shifts). Its groups are consecutive density
+    channels."""
 
     z: torch.Tensor
     kind: DecoderKind
-    log_step: torch.Tensor
-    shift: torch.Tensor | None
+    params: torch.Tensor
+
+    @property
+    def log_step(self) -> torch.Tensor:
+        return self.params[: self.kind.num_groups]
+
+    @property
+    def shift(self) -> torch.Tensor | None:
+        return self.kind.params_split(self.params)[1]
+
+
+def _steps_and_shifts(tensors: Sequence[LatentTensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_step, shift) of every channel, detached (shift 0 for kinds without shifts)."""
+    params = torch.cat([t.params.detach() for t in tensors])
+    index, start = [], 0  # per channel: where its log step and its shift lie in ``params`` (-1: no shift)
+    for t in tensors:
+        g = t.kind.num_groups
+        index.append((start, start + g if t.kind.has_shift else -1, g))
+        start += t.params.numel()
+    log_step = torch.cat([params[a: a + g] for a, _, g in index])
+    shift = torch.cat([params[b: b + g] if b >= 0 else params.new_zeros(g) for _, b, g in index])
+    return log_step, shift
 
 
 @dataclass
@@ -141,9 +162,8 @@ def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_b
     spare bin on each side, so every latent lands inside its own channel. ``resolution`` (1, 2 or 4 cells per bin)
     is halved while the grid would exceed ``MAX_CELLS`` cells per channel: channels that wide are smooth at the
     scale of one integer."""
-    log_step = torch.cat([t.log_step.detach() for t in tensors]).double()
-    shift = torch.cat([t.shift.detach() if t.shift is not None else torch.zeros_like(t.log_step) for t in tensors])
-    step, shift = log_step.exp(), shift.double()
+    log_step, shift = _steps_and_shifts(tensors)
+    step, shift = log_step.double().exp(), shift.double()
     requested = resolution
     bounds = [t.kind.group_bounds(t.z.detach()) for t in tensors]
     lo = torch.round((torch.cat([b[0] for b in bounds]).double() - shift) / step)
@@ -165,11 +185,17 @@ def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_b
     scale, offset = scale * resolution / requested, offset * resolution / requested
     host_scale = [v * resolution / requested for v in host[2: 2 + channels]]
     host_offset = [v * resolution / requested for v in host[2 + channels:]]
+    exact = resolution == 1  # bins of the rounded latents: round them as the encoder does (ties included)
+    if exact:
+        scale, offset = 1 / width, -origin / width
+        host_scale, host_offset = scale.tolist(), offset.tolist()
     position = torch.empty(sum(t.z.numel() for t in tensors), dtype=torch.float32, device=lo.device)
     start = first = 0
     for t in tensors:
         g, n = t.kind.num_groups, t.z.numel()
         out, z = position[start: start + n].view(t.z.shape), t.z.detach().float()
+        if exact:
+            z = round_latent(t.kind.units(z, t.params.detach()))
         if g == 1:
             torch.mul(z, host_scale[first], out=out).add_(host_offset[first] + first * cells)
         else:
@@ -227,106 +253,256 @@ def grid_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], resol
         grad_log_step = -(weighted * hist.centers()).sum(1)  # d units / d log_step = -units
         grad_shift = -weighted.sum(1) / hist.step.float()  # d units / d shift = -1 / step
         per_latent = (slope / hist.step.float()[:, None]).reshape(-1)  # bits per weight unit
-    # a zero-valued term whose gradients are the slopes to the step sizes and shifts (kinds without shifts: zeros)
-    params = torch.cat([t.log_step for t in tensors]
-                       + [t.shift if t.shift is not None else torch.zeros_like(t.log_step) for t in tensors])
-    steering = torch.cat([grad_log_step, grad_shift]) @ (params - params.detach())
-    return total + steering + _CellGradient.apply(hist.index, per_latent, *[t.z for t in tensors])
+    return (total + _steering(tensors, grad_log_step, grad_shift)
+            + _CellGradient.apply(hist.index, per_latent, None, *[t.z for t in tensors]))
+
+
+SAMPLED_LATENTS = 1 << 22  # the density's and step sizes' gradients are estimated from about this many latents
+SAMPLE_BLOCK = 1024  # the subset is every stride-th block of this many consecutive latents
+NOISE_SEED = 20200426  # the noise buffer's seed
+NOISE_PERIOD = 1 << 16  # random offsets into the noise buffer: distinct noise values each latent can draw
+GRID_MARGIN = 2  # spare bins each side of a channel's range when the training rate's grid is built
+GRID_REFRESH = 100  # steps after which the grid is built again (tightened) even if every latent still fits
+
+
+@dataclass
+class RateGrid:
+    """The training rate's per-channel grid, in integer units: channel c's points are ``origin[c] + j * h[c]`` for
+    j < ``points`` (``resolution`` points per bin of ``width[c]`` integers)."""
+
+    origin: torch.Tensor  # (C,)
+    width: torch.Tensor  # (C,) long
+    points: int
+    resolution: int
+    max_bins: int
+    unit: bool  # every bin holds one integer
+    age: int = 0
+
+    @property
+    def h(self) -> torch.Tensor:
+        return self.width.to(self.origin.dtype) / self.resolution
+
+    @classmethod
+    @torch.no_grad()
+    def spanning(cls, tensors: Sequence[LatentTensor], step: torch.Tensor, shift: torch.Tensor, resolution: int,
+                 max_bins: int, dtype: torch.dtype) -> "RateGrid":
+        """A grid around every channel's rounded values, with ``GRID_MARGIN`` spare bins and room for the noise."""
+        bounds = [t.kind.group_bounds(t.z.detach()) for t in tensors]  # step > 0 keeps the order in units
+        bounds = (torch.cat([torch.cat([b[0] for b in bounds]), torch.cat([b[1] for b in bounds])])
+                  - shift.repeat(2)) / step.repeat(2)
+        lo, hi = torch.round(bounds.nan_to_num(0.0, 0.0, 0.0)).long().chunk(2)
+        width = integers_per_bin(lo, hi, max_bins)
+        # one host sync for the grid's size and the finiteness check
+        widest, finite, unit = torch.stack([torch.div(hi - lo, width, rounding_mode="floor").max(),
+                                            torch.isfinite(bounds).all().long(), (width == 1).all().long()]).tolist()
+        if not finite:
+            raise EPRError(DIVERGED)
+        spare = GRID_MARGIN + 1  # bins below the lowest value; the noise needs half a bin of them
+        origin = (lo - spare * width).to(dtype) - 1
+        return cls(origin, width, (widest + 2 * spare + 2) * resolution, resolution, max_bins, bool(unit))
+
+
+class RateWorkspace:
+    """What the training rate keeps between steps: its grid (built again only when a latent leaves it), a buffer of
+    uniform noise read at a random offset each step, and scratch buffers over the latents. Allocating (and first
+    touching) buffers this large every step costs more than the passes over them. Not copied with the model (a
+    copy starts empty)."""
+
+    def __init__(self) -> None:
+        self.grid: RateGrid | None = None
+        self.index_pending = False  # the latest cell index is saved for a backward that has not run yet
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __deepcopy__(self, memo: dict) -> "RateWorkspace":
+        return RateWorkspace()
+
+    def __getstate__(self) -> dict:
+        return RateWorkspace().__dict__
+
+    def buffer(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A reusable 1-D buffer of at least n elements (its first n returned)."""
+        b = self._buffers.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
+            b = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
+        return b[:n]
+
+    def index(self, n: int, device: torch.device) -> torch.Tensor:
+        """The cell-index buffer, or a new one while the previous is still held by a pending backward."""
+        if self.index_pending:
+            self._buffers.pop("index", None)
+        self.index_pending = True
+        return self.buffer("index", n, torch.int32, device)
+
+    def noise(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """n draws of U(-1/2, 1/2): a window at a random offset (global torch RNG) of a buffer drawn once from a
+        fixed seed (so that a resumed run draws the same noise as an uninterrupted one)."""
+        b = self._buffers.get("noise")
+        if b is None or b.numel() < n + NOISE_PERIOD or b.dtype != dtype or b.device != device:
+            generator = torch.Generator(device).manual_seed(NOISE_SEED)
+            b = torch.empty(n + NOISE_PERIOD, dtype=dtype, device=device).uniform_(-0.5, 0.5, generator=generator)
+            self._buffers["noise"] = b
+        offset = int(torch.randint(NOISE_PERIOD, ()))
+        return b[offset: offset + n]
+
+    def state_dict(self) -> dict:
+        """The grid, as JSON-ready values (training checkpoints keep it: a resumed run continues on the same grid)."""
+        g = self.grid
+        if g is None:
+            return {}
+        return {"origin": g.origin.tolist(), "width": g.width.tolist(), "points": g.points,
+                "resolution": g.resolution, "max_bins": g.max_bins, "unit": g.unit, "age": g.age}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.grid = None
+        if state:
+            self.grid = RateGrid(torch.tensor(state["origin"], dtype=torch.float32, device=device),
+                                 torch.tensor(state["width"], dtype=torch.long, device=device), int(state["points"]),
+                                 int(state["resolution"]), int(state["max_bins"]), bool(state["unit"]),
+                                 int(state["age"]))
+
+    def usable_grid(self, channels: int, resolution: int, max_bins: int, device: torch.device) -> RateGrid | None:
+        g = self.grid
+        if (g is None or g.origin.numel() != channels or g.origin.device != device or g.resolution != resolution
+                or g.max_bins != max_bins or g.age >= GRID_REFRESH):
+            return None
+        g.age += 1
+        return g
 
 
 def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], resolution: int = 4,
-               max_bins: int = 512) -> torch.Tensor:
-    """Bits of every latent plus one fresh uniform noise draw, u + U(-1/2, 1/2), under ``density`` (the
-    uniform-noise relaxation of Ballé et al., sampled: the training rate of ``rate_relaxation="noise"``).
+               max_bins: int = 64, workspace: RateWorkspace | None = None) -> torch.Tensor:
+    """Bits of every latent plus one uniform noise draw, u + U(-1/2, 1/2), under ``density`` (the uniform-noise
+    relaxation of Ballé et al., sampled: the training rate of ``rate_relaxation="noise"``).
 
     The bits of an integer-wide window are tabulated per channel on a grid ``resolution`` times finer than one
     integer (bins of several integers for channels wider than ``max_bins``) and interpolated linearly at each noisy
-    value. Gradients: to the density through the table; to each latent (and, through its integer units, to the
-    step sizes and shifts) the slope of the interpolation at its noisy value. Its expectation is
-    :func:`grid_rate`'s ``smooth`` estimate; training uses the sampled form, whose runs reach smaller files at
-    better accuracy than runs on the deterministic expectation (see the README's Results).
+    value. Gradients: to each latent, the slope of the interpolation at its noisy value; to the density (through
+    the table) and to the step sizes and shifts, sums over the latents, taken over every latent up to
+    ``SAMPLED_LATENTS`` and over an evenly strided random subset (scaled up, unbiased) above that; the value is the
+    same estimate. The passes over the latents run in place in ``workspace``'s buffers (pass the same workspace
+    every step; its grid is kept while every latent fits); noise comes from its fixed random buffer at a random
+    offset. Its expectation is :func:`grid_rate`'s ``smooth`` estimate; training uses the sampled form, whose runs
+    reach smaller files at better accuracy than runs on the deterministic expectation (see the README's Results).
     """
-    units, lows, highs = [], [], []
-    for t in tensors:
-        u = t.kind.units(t.z, torch.cat([t.log_step, t.shift]) if t.shift is not None else t.log_step)
-        lo, hi = t.kind.group_bounds(u.detach())
-        units.append(u)
-        lows.append(lo)
-        highs.append(hi)
-    bounds = torch.cat(lows + highs)
-    lo, hi = torch.round(bounds.nan_to_num(0.0, 0.0, 0.0)).long().chunk(2)
-    step = integers_per_bin(lo, hi, max_bins)
-    # one host sync for the grid's size and the finiteness check
-    widest, finite = torch.stack([torch.div(hi - lo, step, rounding_mode="floor").max(),
-                                  torch.isfinite(bounds).all().long()]).tolist()
-    if not finite:
-        raise EPRError(DIVERGED)
-    dtype, device = units[0].dtype, units[0].device
-    m = widest + 3  # bins, with a spare bin each side
-    h = step.to(dtype) / resolution  # grid spacing per channel
-    points = (m + 1) * resolution
-    origin = (lo - step).to(dtype) - 1  # below every noisy value
-    if bool((step == 1).all()):
+    workspace = workspace if workspace is not None else RateWorkspace()
+    dtype, device = torch.promote_types(tensors[0].z.dtype, torch.float32), tensors[0].z.device
+    n = sum(t.z.numel() for t in tensors)
+    with torch.no_grad():
+        log_step, shift = _steps_and_shifts(tensors)
+        step = log_step.exp()
+        channels = step.numel()
+        # the sums over latents are estimated from every stride-th block above SAMPLED_LATENTS; the buffers are
+        # padded to whole strides of blocks (padding goes to a spare cell that no sum reads)
+        stride = max(1, -(-n // SAMPLED_LATENTS))
+        padded = n if stride == 1 else -(-n // (SAMPLE_BLOCK * stride)) * SAMPLE_BLOCK * stride
+        noise = workspace.noise(padded, dtype, device)
+        position = workspace.buffer("position", padded, dtype, device)
+        grid = workspace.usable_grid(channels, resolution, max_bins, device)
+        for fresh in ((False, True) if grid is not None else (True,)):
+            if fresh:
+                grid = workspace.grid = RateGrid.spanning(tensors, step, shift, resolution, max_bins, dtype)
+            # grid position of every noisy value, (z - shift) / step + noise - origin in grid spacings, placed tensor
+            # by tensor with its groups' coefficients broadcast: z * a + b + noise * c
+            c = 1 / grid.h
+            a, b = c / step, -(shift / step + grid.origin) * c
+            start = first = 0
+            for t in tensors:
+                k, g, view = t.z.numel(), t.kind.num_groups, t.kind.group_view
+                out = position[start: start + k].view(t.z.shape)
+                torch.addcmul(view(b[first: first + g]), t.z.detach(), view(a[first: first + g]), out=out)
+                out.addcmul_(noise[start: start + k].view(t.z.shape), view(c[first: first + g]))
+                start, first = start + k, first + g
+            low, high = torch.stack(position[:n].aminmax()).tolist()  # one host sync: do all lie on the grid?
+            if 0 <= low and high < grid.points - 1:
+                break
+            if fresh:  # a grid built around the latents holds them unless they are not finite
+                raise EPRError(DIVERGED)
+        points = grid.points
+        index = workspace.index(padded, device)
+        index[:n].copy_(position[:n])  # positions are >= 0: truncation is the floor
+        position.frac_()  # the fraction w of the way to the next grid point
+        index[n:] = channels * points  # the spare cell
+        offsets = torch.arange(channels, device=device, dtype=torch.int32) * points
+        start = first = 0
+        for t in tensors:
+            k, g = t.z.numel(), t.kind.num_groups
+            index[start: start + k].view(t.z.shape).add_(t.kind.group_view(offsets[first: first + g]))
+            start, first = start + k, first + g
+        # sums over the latents (or an evenly strided random subset): per grid point, the latents whose noisy value
+        # lies in the interval above it, their fractions w and their noise draws
+        sample = [index, position, noise]
+        if stride > 1:  # copied once into contiguous buffers (each bincount would copy a strided input again)
+            pick = slice(int(torch.randint(stride, ())), None, stride)
+            sample = [workspace.buffer(f"sample{i}", padded // stride, x.dtype, device).view(-1, SAMPLE_BLOCK)
+                      .copy_(x.view(-1, SAMPLE_BLOCK)[pick]).view(-1) for i, x in enumerate(sample)]
+        cells = channels * points
+        count, frac, drawn = (torch.bincount(sample[0], w, minlength=cells + 1)[:cells].to(dtype).view(channels, -1)
+                              * stride for w in (None, sample[1], sample[2]))
+    h, origin = grid.h, grid.origin
+    if grid.unit:
         edges = (origin - 0.5).unsqueeze(1) + torch.arange(points + resolution, dtype=dtype,
                                                             device=device).unsqueeze(0) / resolution
-        f = unit_window_bits(density, edges, points, resolution).reshape(-1)
+        f = unit_window_bits(density, edges, points, resolution)
     else:
-        grid = origin.unsqueeze(1) + torch.arange(points, dtype=dtype, device=device).unsqueeze(0) * h.unsqueeze(1)
-        f = (-density.log_prob_between(grid - 0.5, grid + 0.5) / LN2).reshape(-1)
-    inv_h = 1 / h
-    flat = torch.cat([u.reshape(-1) for u in units])
-    y = flat.detach() + torch.empty_like(flat).uniform_(-0.5, 0.5)
-    # position of each noisy value on its channel's grid, k + w (k integer, 0 <= w < 1), placed tensor by tensor with
-    # the channel's origin and spacing broadcast over its groups (no per-latent channel index)
-    base = torch.empty(flat.numel(), dtype=torch.long, device=device)
-    w = torch.empty_like(y)
-    spacing, start, first = [], 0, 0  # per tensor: its slice and grid points per integer unit
-    for t, u in zip(tensors, units):
-        n, g, view = u.numel(), t.kind.num_groups, t.kind.group_view
-        ih = view(inv_h[first: first + g])
-        pos = (y[start: start + n].view(u.shape) - view(origin[first: first + g])).mul_(ih).clamp_(0, points - 1.001)
-        k = pos.floor()
-        w[start: start + n].view(u.shape).copy_(pos.sub_(k))
-        offset = view(torch.arange(first, first + g, device=device) * points)
-        torch.add(k.long(), offset, out=base[start: start + n].view(u.shape))
-        spacing.append((start, n, u.shape, ih))
-        start, first = start + n, first + g
-    # value: sum_i f[base_i] (1 - w_i) + f[base_i + 1] w_i, the weight of every grid point gathered by bincount
-    s = torch.bincount(base, w, minlength=f.numel())
-    weight = torch.bincount(base, minlength=f.numel()).to(s.dtype) - s
-    weight[1:] += s[:-1]
-    grad = (f[1:] - f[:-1]).detach()[base]  # slope per grid spacing, then per integer unit
-    for start, n, shape, ih in spacing:
-        grad[start: start + n].view(shape).mul_(ih)
-    return (f * weight.to(f.dtype)).sum() + _ValueGradient.apply(flat, grad)
+        values = origin.unsqueeze(1) + torch.arange(points, dtype=dtype, device=device).unsqueeze(0) * h.unsqueeze(1)
+        f = -density.log_prob_between(values - 0.5, values + 0.5) / LN2
+    with torch.no_grad():
+        weight = count - frac  # linear interpolation: (1 - w) to the point below, w to the point above
+        weight[:, 1:] += frac[:, :-1]
+        per_unit = torch.zeros_like(f)
+        per_unit[:, :-1] = (f[:, 1:] - f[:, :-1]) / h[:, None]  # bits per integer unit in each point's interval
+        # d units / d log_step = -units, d units / d shift = -1 / step; a latent's units are its noisy value
+        # origin + (j + w) * h less its noise draw
+        j = torch.arange(points, dtype=dtype, device=device)
+        grad_log_step = -(per_unit * (count * (origin[:, None] + j * h[:, None]) + frac * h[:, None] - drawn)).sum(1)
+        grad_shift = -(per_unit * count).sum(1) / step
+        per_latent = (per_unit / step[:, None]).reshape(-1)  # bits per latent unit z
+    return ((f * weight).sum() + _steering(tensors, grad_log_step, grad_shift)
+            + _CellGradient.apply(index[:n], per_latent, workspace, *[t.z for t in tensors]))
 
 
-class _ValueGradient(torch.autograd.Function):
-    """Zero in value; d/du = ``grad`` (a precomputed per-element gradient)."""
+def _steering(tensors: Sequence[LatentTensor], grad_log_step: torch.Tensor, grad_shift: torch.Tensor) -> torch.Tensor:
+    """A zero-valued term whose gradients to the decoders' parameters are the given ones (per channel; shifts of
+    kinds without shifts ignored)."""
+    sizes = [t.kind.num_groups for t in tensors]
+    steps, shifts = grad_log_step.split(sizes), grad_shift.split(sizes)
+    flat = torch.cat([p for t, a, b in zip(tensors, steps, shifts) for p in ((a, b) if t.kind.has_shift else (a,))])
+    return _ParamGradient.apply(flat, *[t.params for t in tensors])
+
+
+class _ParamGradient(torch.autograd.Function):
+    """Zero in value; the gradient to each parameter tensor is its slice of ``flat`` (one node for all)."""
 
     @staticmethod
-    def forward(ctx, u: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(grad)
-        return u.new_zeros(())
+    def forward(ctx, flat: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat)
+        ctx.sizes = [p.numel() for p in params]
+        return flat.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output, None
+        (flat,) = ctx.saved_tensors
+        return (None, *(flat * grad_output).split(ctx.sizes))
 
 
 class _CellGradient(torch.autograd.Function):
     """Zero in value; the gradient to each latent is the slope table at its cell (one gather for all latents)."""
 
     @staticmethod
-    def forward(ctx, index: torch.Tensor, slope: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, index: torch.Tensor, slope: torch.Tensor, workspace: RateWorkspace | None,
+                *zs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index, slope)
-        ctx.shapes = [z.shape for z in zs]
+        ctx.shapes, ctx.workspace = [z.shape for z in zs], workspace
         return slope.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         index, slope = ctx.saved_tensors
-        grad = (slope * grad_output).index_select(0, index)
-        parts = grad.split([math.prod(s) for s in ctx.shapes])
-        return (None, None, *[p.view(s) for p, s in zip(parts, ctx.shapes)])
+        table, grads, start = slope * grad_output, [], 0
+        for shape in ctx.shapes:  # one tensor per latent: gradient accumulation can take it as it is
+            n = math.prod(shape)
+            grads.append(table.index_select(0, index[start: start + n]).view(shape))
+            start += n
+        if ctx.workspace is not None:
+            ctx.workspace.index_pending = False  # its index buffer may be written again
+        return (None, None, None, *grads)

@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from .config import EPRConfig, EPRConfigError
-from .entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram, noise_rate
+from .entropy import FactorizedDensity, LatentTensor, RateWorkspace, cell_bits, grid_rate, latent_histogram, noise_rate
 from .format.coders import histogram_table
 from .format.configuration_epr import CONFIG_MODEL_TYPE, HUB_KWARGS, EPRCompressedConfig
 from .format.container import WEIGHTS_NAME, CodedGroup, Container, atomic_write, read_container
@@ -57,6 +57,7 @@ class EPRModel(PreTrainedModel):
         channels = sum(e.kind.num_groups for e in self.entries)
         spreads = torch.cat([self._spread(e) for e in self.entries]) if init_density and self.entries else None
         self.density = FactorizedDensity(channels, spreads, self.epr_config.density_filters)
+        self.rate_workspace = RateWorkspace()  # the training rate's buffers, kept between steps
         self.main_input_name = getattr(self.model, "main_input_name", "pixel_values")
         self.post_init()
 
@@ -128,7 +129,7 @@ class EPRModel(PreTrainedModel):
 
     def latent_tensors(self) -> list[LatentTensor]:
         """Every compressed tensor as the rate sees it (latent, decoder kind, log steps, shifts)."""
-        return [LatentTensor(e.latent, e.kind, *e.kind.params_split(e.decoder.params)) for e in self.entries]
+        return [LatentTensor(e.latent, e.kind, e.decoder.params) for e in self.entries]
 
     def bits(self) -> torch.Tensor:
         """Differentiable estimate of the coded size of all latents, in bits (a 0-dim float32 tensor): in training
@@ -139,7 +140,9 @@ class EPRModel(PreTrainedModel):
         noise = self.training and self.epr_config.rate_relaxation == "noise"
         with torch.autocast(self.device.type, enabled=False):
             tensors = self.latent_tensors()
-            return noise_rate(self.density, tensors) if noise else grid_rate(self.density, tensors)
+            if noise:
+                return noise_rate(self.density, tensors, workspace=self.rate_workspace)
+            return grid_rate(self.density, tensors)
 
     @torch.no_grad()
     def exact_bits(self) -> float:

@@ -423,7 +423,8 @@ class EPRTrainer(Trainer):
 
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
             save_file(state, os.path.join(folder, TRAINING_STATE))
-            policy = {"policy": self.policy.state_dict(), "log_sums": log_sums, "rate_lambda": self.rate_lambda}
+            policy = {"policy": self.policy.state_dict(), "log_sums": log_sums, "rate_lambda": self.rate_lambda,
+                      "rate_grid": epr.rate_workspace.state_dict()}
             if self.size_controller is not None:
                 policy["size_controller"] = self.size_controller.state_dict()
             atomic_write(os.path.join(folder, POLICY_STATE), json.dumps(policy).encode())
@@ -463,5 +464,6 @@ class EPRTrainer(Trainer):
             self.policy.load_state_dict(state["policy"])
             self._acc = state["log_sums"]
             self.rate_lambda = state.get("rate_lambda", self.rate_lambda)
+            epr.rate_workspace.load_state_dict(state.get("rate_grid", {}), epr.device)
             if self.size_controller is not None and "size_controller" in state:
                 self.size_controller.load_state_dict(state["size_controller"])

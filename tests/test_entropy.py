@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_epr import EPRConfig, EPRModel
+from hf_epr import EPRConfig, EPRModel, entropy
 from hf_epr.entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram, noise_rate
 from hf_epr.format.decoders import AffineKind, DCTKind
 from hf_epr.testing import tiny_model
@@ -13,7 +13,7 @@ def brute_force_bits(model: EPRModel) -> float:
     """-sum log2 P(round(u)) with one density call per latent (what the histogram must equal)."""
     total, channel = 0.0, 0
     for t in model.latent_tensors():
-        u = t.kind.units(t.z.detach(), torch.cat([t.log_step, t.shift]) if t.shift is not None else t.log_step)
+        u = t.kind.units(t.z.detach(), t.params.detach())
         groups = t.kind.group_index().view(u.shape)
         for g in range(t.kind.num_groups):
             values = torch.round(u[groups == g]).view(1, -1)
@@ -63,8 +63,7 @@ def test_relaxed_rate_and_gradients_match_the_expectation_over_noise(scale, kind
     computed with one density call per sample."""
     density, spec, z, params = toy_latents(scale, kind)
     shape = z.shape
-    log_step, shift = spec.params_split(params)
-    fast = grid_rate(density, [LatentTensor(z, spec, log_step, shift)], resolution=4, smooth=True)
+    fast = grid_rate(density, [LatentTensor(z, spec, params)], resolution=4, smooth=True)
     fast.backward()
     fast_grads = (z.grad.clone(), params.grad.clone())
     z.grad, params.grad = None, None
@@ -80,13 +79,16 @@ def test_relaxed_rate_and_gradients_match_the_expectation_over_noise(scale, kind
     assert torch.allclose(fast_grads[1], params.grad, rtol=0.05, atol=0.05 * float(params.grad.abs().max()))
 
 
+@pytest.mark.parametrize("sums", ["all latents", "strided subset"])
 @pytest.mark.parametrize("scale,kind", [(3.0, "affine"), (900.0, "affine"), (3.0, "dct")])
-def test_sampled_noise_rate_averages_to_the_expected_rate(scale, kind):
+def test_sampled_noise_rate_averages_to_the_expected_rate(scale, kind, sums, monkeypatch):
     """The training rate (one noise draw per latent) averaged over draws: the deterministic expectation's value
-    and gradients (latents, log step, shift)."""
+    and gradients (latents, log step, shift); also when its sums come from a strided subset of the latents."""
+    if sums == "strided subset":
+        monkeypatch.setattr(entropy, "SAMPLED_LATENTS", 700)
+        monkeypatch.setattr(entropy, "SAMPLE_BLOCK", 8)
     density, spec, z, params = toy_latents(scale, kind)
-    log_step, shift = spec.params_split(params)
-    tensors = [LatentTensor(z, spec, log_step, shift)]
+    tensors = [LatentTensor(z, spec, params)]
     expected = grid_rate(density, tensors, resolution=4, smooth=True)
     expected.backward()
     expected_grads = (z.grad.clone(), params.grad.clone())
@@ -109,3 +111,49 @@ def test_histogram_places_every_latent_in_its_channel():
     r = hist.resolution
     assert (hist.counts[:, :r] == 0).all() and (hist.counts[:, -r:] == 0).all()  # the spare bins stay empty
     assert cell_bits(model.density, hist, smooth=True).shape == hist.counts.shape
+
+
+def test_training_rate_keeps_its_grid_and_buffers_without_changing_the_rate():
+    """A workspace reused across steps (grid kept while the latents fit, built again when they leave it) gives the
+    rate and gradients of a fresh workspace on the same noise; two graphs pending at once keep their own cells."""
+    density, spec, z, params = toy_latents(3.0, "affine")
+    tensors = [LatentTensor(z, spec, params)]
+
+    def rate_and_grads(workspace, seed):
+        z.grad = params.grad = None
+        torch.manual_seed(seed)
+        r = entropy.noise_rate(density, tensors, workspace=workspace)
+        r.backward()
+        return float(r.detach()), z.grad.clone(), params.grad.clone()
+
+    kept = entropy.RateWorkspace()
+    rate_and_grads(kept, 0)
+    for moved in (1.0, 1.2, 4.0):  # inside the kept grid, then beyond it
+        with torch.no_grad():
+            z.mul_(moved)
+        built = kept.grid
+        a, b = rate_and_grads(kept, 1), rate_and_grads(entropy.RateWorkspace(), 1)
+        assert (kept.grid is built) == (moved != 4.0)
+        assert a[0] == pytest.approx(b[0], rel=1e-5)
+        assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a[1:], b[1:]))
+    z.grad = params.grad = None
+    torch.manual_seed(2)
+    first = entropy.noise_rate(density, tensors, workspace=kept)
+    second = entropy.noise_rate(density, tensors, workspace=kept)  # before the first one's backward
+    (first + second).backward()
+    together = z.grad.clone()
+    one = rate_and_grads(kept, 2)[1]
+    torch.manual_seed(2)
+    entropy.noise_rate(density, tensors, workspace=kept)  # draws what the first call drew
+    z.grad = None
+    entropy.noise_rate(density, tensors, workspace=kept).backward()
+    assert torch.allclose(together, one + z.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_training_rate_grid_survives_a_checkpoint():
+    model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(init_step_ratio=0.05)).train()
+    model.bits()
+    state = model.rate_workspace.state_dict()
+    again = entropy.RateWorkspace()
+    again.load_state_dict(state)
+    assert again.state_dict() == state and state["points"] > 0

@@ -63,32 +63,37 @@ def dct_matrix(n: int) -> torch.Tensor:
 
 
 class _QuantizeSTE(torch.autograd.Function):
-    """x = step * round((z - shift) / step) + shift with straight-through rounding, fused.
+    """x = step * round((z - shift) / step) + shift with straight-through rounding, fused, for one tensor of
+    ``kind`` with its flat parameters (log steps, then shifts).
 
-    ``log_step`` and ``shift`` are per-group values already broadcast against z (views). Closed-form gradients
-    of the unfused expression: dx/dz = 1, dx/dlog_step = x - z (summed over each group's elements), dx/dshift = 0.
-    One saved tensor and one reduction instead of a chain of elementwise ops both ways.
+    Closed-form gradients of the unfused expression: dx/dz = 1, dx/dlog_step = x - z (summed over each group's
+    elements), dx/dshift = 0. One saved tensor, one reduction and one autograd node per tensor.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, log_step: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        step = torch.exp(log_step)
+    def forward(ctx, z: torch.Tensor, params: torch.Tensor, kind: "DecoderKind") -> torch.Tensor:
+        log_step, shift = kind.params_split(params)
+        step = kind.group_view(torch.exp(log_step))
+        shift = kind.group_view(shift) if shift is not None else None
         x = (z - shift).div_(step) if shift is not None else z / step  # the same float ops as decode(), in place
         x = x.round_().clamp_(-MAX_LATENT, MAX_LATENT).mul_(step)
         if shift is not None:
             x = x.add_(shift)
         ctx.save_for_backward(x - z)
-        ctx.log_step_shape = log_step.shape
+        ctx.kind = kind
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (diff,) = ctx.saved_tensors
-        if math.prod(ctx.log_step_shape) == 1:  # one group: a dot product
-            grad_log_step = (grad.reshape(-1) @ diff.reshape(-1)).reshape(ctx.log_step_shape)
+        kind = ctx.kind
+        if kind.num_groups == 1:  # a dot product
+            grad_log_step = (grad.reshape(-1) @ diff.reshape(-1)).reshape(1)
         else:
-            grad_log_step = (grad * diff).sum_to_size(ctx.log_step_shape)
-        return grad, grad_log_step, None  # no gradient to the shift (None: zero)
+            grad_log_step = kind.reduce_to_groups(grad * diff, "sum")
+        if kind.has_shift:  # no gradient to the shifts
+            grad_log_step = torch.cat([grad_log_step, torch.zeros_like(grad_log_step)])
+        return grad, grad_log_step, None
 
 
 class DecoderKind:
@@ -211,9 +216,7 @@ class DecoderKind:
 
     def forward(self, z: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Training forward: the weights with straight-through rounding (gradients to z and the parameters)."""
-        log_step, shift = self.params_split(params)
-        x = _QuantizeSTE.apply(z, self.group_view(log_step), self.group_view(shift) if shift is not None else None)
-        return self.transform(x)
+        return self.transform(_QuantizeSTE.apply(z, params, self))
 
     def from_integers(self, q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """A latent z (weight units) whose rounding gives the integers ``q``."""
@@ -226,7 +229,7 @@ class DecoderKind:
         return self.pattern(torch.device(device)).expand(self.shape).reshape(-1)
 
     def reduce_to_groups(self, x: torch.Tensor, op: str) -> torch.Tensor:
-        """``op`` ("amin" or "amax") of a tensor-shaped ``x`` over each group's elements: shape (G,)."""
+        """``op`` ("amin", "amax" or "sum") of a tensor-shaped ``x`` over each group's elements: shape (G,)."""
         p = self.pattern(x.device)
         lead = x.ndim - p.ndim
         dims = [d for d in range(x.ndim) if d < lead or (p.shape[d - lead] == 1 and x.shape[d] != 1)]
