@@ -15,7 +15,8 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from .config import EPRConfig, EPRConfigError
-from .entropy import FactorizedDensity, LatentTensor, RateWorkspace, cell_bits, grid_rate, latent_histogram, noise_rate
+from .entropy import (FactorizedDensity, LatentTensor, RateWorkspace, cell_bits, grid_rate, latent_histogram,
+                      noise_rate)
 from .format.coders import histogram_table
 from .format.configuration_epr import CONFIG_MODEL_TYPE, HUB_KWARGS, EPRCompressedConfig
 from .format.container import WEIGHTS_NAME, CodedGroup, Container, atomic_write, read_container
