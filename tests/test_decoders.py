@@ -85,3 +85,20 @@ def test_layouts_are_checked():
     assert kind.num_groups == 3 and kind.num_params == 3 and sum(kind.group_sizes()) == 54
     q = np.arange(54, dtype=np.int32).reshape(2, 3, 3, 3)
     assert np.array_equal(kind.join(kind.split(q)), q.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", [AffineKind((40, 30)), DCTKind((16, 8, 3, 3), [0, 1, 1, 1, 2, 2, 2, 2, 2])])
+def test_decoding_a_files_groups_reuses_their_memory(kind):
+    """Groups back to back in one int32 buffer (as decoded from a file) become the weights in that memory, with the
+    values of decode(); groups elsewhere are decoded into new memory, with the same values."""
+    q = np.random.default_rng(0).integers(-20, 20, size=kind.shape).astype(np.int32)
+    groups = kind.split(q)
+    buffer = np.concatenate(groups).astype(np.int32)
+    ends = np.cumsum([0] + [g.size for g in groups])
+    params = torch.tensor([-4.0, 0.01] if kind.name == "affine" else [-4.0, -4.5, -5.0])
+    expected = kind.decode(torch.from_numpy(kind.join(groups)), params)
+    weights = kind.decode_groups([buffer[a:b] for a, b in zip(ends[:-1], ends[1:])], params)
+    assert torch.equal(weights, expected) and weights.data_ptr() == buffer.ctypes.data
+    if kind.name == "dct":
+        apart = [g.copy() for g in groups]
+        assert torch.equal(kind.decode_groups(apart, params), expected)

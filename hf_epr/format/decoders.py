@@ -303,6 +303,24 @@ class AffineKind(DecoderKind):
         return torch.from_numpy(weights).view(self.shape)
 
 
+def _back_to_back(groups: list[np.ndarray], n: int) -> np.ndarray | None:
+    """One int32 view over ``groups`` when they are n values back to back in one array's memory (else None)."""
+    root = groups[0]
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if root.dtype != np.int32 or root.ndim != 1 or not root.flags.c_contiguous or sum(g.size for g in groups) != n:
+        return None
+    start = (groups[0].ctypes.data - root.ctypes.data) // 4
+    if not all(g.dtype == np.int32 and g.flags.c_contiguous for g in groups) or start < 0 or start + n > root.size:
+        return None
+    position = groups[0].ctypes.data
+    for g in groups:
+        if g.ctypes.data != position:
+            return None
+        position += g.nbytes
+    return root[start: start + n]
+
+
 def dct_coef_groups(kh: int, kw: int, slices: int, grouping: str, min_latents: int) -> list[int]:
     """Group of each DCT coefficient (row-major kh x kw): bands u+v merged until each is large enough."""
     if grouping == "frequency":
@@ -375,6 +393,19 @@ class DCTKind(DecoderKind):
             cols = np.flatnonzero(cg == g)
             q[:, cols] = values.reshape(o * i, len(cols))
         return q.reshape(self.shape)
+
+    def decode_groups(self, groups: list[np.ndarray], params: torch.Tensor) -> torch.Tensor:
+        """The weights in the groups' own memory when the groups lie back to back (as a file's decoded groups do):
+        the coefficients are gathered into one temporary, and the transform writes over the int32 values."""
+        region = _back_to_back(groups, self.numel)
+        if region is None:
+            return super().decode_groups(groups, params)
+        x = torch.from_numpy(self.join(groups))  # reads every group before the region is written
+        x.mul_(self.group_view(torch.exp(params[: self.num_groups])))  # the same float32 operations as decode()
+        weights = torch.from_numpy(region.view(np.float32)).view(self.shape)
+        kh, kw = self.shape[2:]
+        torch.matmul(x.reshape(*self.shape[:2], kh * kw), self._basis(x), out=weights.view(*self.shape[:2], kh * kw))
+        return weights
 
     def _basis(self, like: torch.Tensor) -> torch.Tensor:
         """kron(Dh, Dw) on ``like``'s device: [(u, v), (i, j)] = Dh[u, i] * Dw[v, j] (cached)."""
