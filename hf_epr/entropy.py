@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +129,23 @@ def _steps_and_shifts(tensors: Sequence[LatentTensor]) -> tuple[torch.Tensor, to
     return log_step, shift
 
 
+def _placed(tensors: Sequence[LatentTensor]) -> Iterator[tuple[LatentTensor, slice, slice]]:
+    """Every tensor with its slice of the flat latents (all tensors in order) and its slice of the channels."""
+    start = first = 0
+    for t in tensors:
+        n, g = t.z.numel(), t.kind.num_groups
+        yield t, slice(start, start + n), slice(first, first + g)
+        start, first = start + n, first + g
+
+
+def _unit_bounds(tensors: Sequence[LatentTensor], step: torch.Tensor,
+                 shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel: the least and the greatest latent in integer units, (z - shift) / step (step > 0 keeps the
+    order): one pass over each tensor."""
+    bounds = [t.kind.group_bounds(t.z.detach()) for t in tensors]
+    return tuple((torch.cat([b[i] for b in bounds]) - shift) / step for i in (0, 1))
+
+
 @dataclass
 class LatentHistogram:
     """Where every latent falls on a per-channel grid of cells in integer units (``units = (z - shift) / step``).
@@ -165,9 +182,7 @@ def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_b
     log_step, shift = _steps_and_shifts(tensors)
     step, shift = log_step.double().exp(), shift.double()
     requested = resolution
-    bounds = [t.kind.group_bounds(t.z.detach()) for t in tensors]
-    lo = torch.round((torch.cat([b[0] for b in bounds]).double() - shift) / step)
-    hi = torch.round((torch.cat([b[1] for b in bounds]).double() - shift) / step)
+    lo, hi = (torch.round(b) for b in _unit_bounds(tensors, step, shift))
     width = integers_per_bin(lo, hi, max_bins)
     channels = lo.numel()
     origin = lo - width - 0.5  # cell 0 starts half an integer below the spare bin
@@ -190,19 +205,16 @@ def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_b
         scale, offset = 1 / width, -origin / width
         host_scale, host_offset = scale.tolist(), offset.tolist()
     position = torch.empty(sum(t.z.numel() for t in tensors), dtype=torch.float32, device=lo.device)
-    start = first = 0
-    for t in tensors:
-        g, n = t.kind.num_groups, t.z.numel()
-        out, z = position[start: start + n].view(t.z.shape), t.z.detach().float()
+    for t, part, ch in _placed(tensors):
+        out, z = position[part].view(t.z.shape), t.z.detach().float()
         if exact:
             z = round_latent(t.kind.units(z, t.params.detach()))
-        if g == 1:
-            torch.mul(z, host_scale[first], out=out).add_(host_offset[first] + first * cells)
+        if t.kind.num_groups == 1:
+            torch.mul(z, host_scale[ch.start], out=out).add_(host_offset[ch.start] + ch.start * cells)
         else:
-            channel_start = torch.arange(first, first + g, device=lo.device, dtype=torch.float64) * cells
-            b = (offset[first: first + g] + channel_start).float()
-            torch.addcmul(t.kind.group_view(b), z, t.kind.group_view(scale[first: first + g].float()), out=out)
-        start, first = start + n, first + g
+            channel_start = torch.arange(ch.start, ch.stop, device=lo.device, dtype=torch.float64) * cells
+            b = (offset[ch] + channel_start).float()
+            torch.addcmul(t.kind.group_view(b), z, t.kind.group_view(scale[ch].float()), out=out)
     index = position.to(torch.int32)  # in range: the grid spans every channel's values
     counts = torch.bincount(index, minlength=channels * cells).view(channels, cells)
     return LatentHistogram(counts, index, origin, width, step, resolution, unit_bins=not host[1])
@@ -287,9 +299,7 @@ class RateGrid:
     def spanning(cls, tensors: Sequence[LatentTensor], step: torch.Tensor, shift: torch.Tensor, resolution: int,
                  max_bins: int, dtype: torch.dtype) -> "RateGrid":
         """A grid around every channel's rounded values, with ``GRID_MARGIN`` spare bins and room for the noise."""
-        bounds = [t.kind.group_bounds(t.z.detach()) for t in tensors]  # step > 0 keeps the order in units
-        bounds = (torch.cat([torch.cat([b[0] for b in bounds]), torch.cat([b[1] for b in bounds])])
-                  - shift.repeat(2)) / step.repeat(2)
+        bounds = torch.cat(_unit_bounds(tensors, step, shift))
         lo, hi = torch.round(bounds.nan_to_num(0.0, 0.0, 0.0)).long().chunk(2)
         width = integers_per_bin(lo, hi, max_bins)
         # one host sync for the grid's size and the finiteness check
@@ -405,13 +415,10 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
             # by tensor with its groups' coefficients broadcast: z * a + b + noise * c
             c = 1 / grid.h
             a, b = c / step, -(shift / step + grid.origin) * c
-            start = first = 0
-            for t in tensors:
-                k, g, view = t.z.numel(), t.kind.num_groups, t.kind.group_view
-                out = position[start: start + k].view(t.z.shape)
-                torch.addcmul(view(b[first: first + g]), t.z.detach(), view(a[first: first + g]), out=out)
-                out.addcmul_(noise[start: start + k].view(t.z.shape), view(c[first: first + g]))
-                start, first = start + k, first + g
+            for t, part, ch in _placed(tensors):
+                out, view = position[part].view(t.z.shape), t.kind.group_view
+                torch.addcmul(view(b[ch]), t.z.detach(), view(a[ch]), out=out)
+                out.addcmul_(noise[part].view(t.z.shape), view(c[ch]))
             low, high = torch.stack(position[:n].aminmax()).tolist()  # one host sync: do all lie on the grid?
             if 0 <= low and high < grid.points - 1:
                 break
@@ -423,11 +430,8 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         position.frac_()  # the fraction w of the way to the next grid point
         index[n:] = channels * points  # the spare cell
         offsets = torch.arange(channels, device=device, dtype=torch.int32) * points
-        start = first = 0
-        for t in tensors:
-            k, g = t.z.numel(), t.kind.num_groups
-            index[start: start + k].view(t.z.shape).add_(t.kind.group_view(offsets[first: first + g]))
-            start, first = start + k, first + g
+        for t, part, ch in _placed(tensors):
+            index[part].view(t.z.shape).add_(t.kind.group_view(offsets[ch]))
         # sums over the latents (or an evenly strided random subset): per grid point, the latents whose noisy value
         # lies in the interval above it, their fractions w and their noise draws
         sample = [index, position, noise]

@@ -401,7 +401,7 @@ class DCTKind(DecoderKind):
         if region is None:
             return super().decode_groups(groups, params)
         x = torch.from_numpy(self.join(groups))  # reads every group before the region is written
-        x.mul_(self.group_view(torch.exp(params[: self.num_groups])))  # the same float32 operations as decode()
+        x.mul_(self.group_view(torch.exp(self.params_split(params)[0])))  # the float32 operations of decode()
         weights = torch.from_numpy(region.view(np.float32)).view(self.shape)
         kh, kw = self.shape[2:]
         torch.matmul(x.reshape(*self.shape[:2], kh * kw), self._basis(x), out=weights.view(*self.shape[:2], kh * kw))
