@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .format.decoders import DecoderKind, round_latent
+from .format.decoders import SMALL_TENSOR, DecoderKind, round_latent
 from .format.errors import EPRError
 
 
@@ -26,9 +26,9 @@ def integers_per_bin(lo: torch.Tensor, hi: torch.Tensor, max_bins: int) -> torch
     return torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")
 
 
-def unit_window_bits(density: "FactorizedDensity", edges: torch.Tensor, count: int, r: int) -> torch.Tensor:
-    """(C, count) bits of unit-wide windows that share their edges: window i spans ``edges[:, i]`` to
-    ``edges[:, i + r]`` (edges 1 / r apart, ``count + r`` per channel): one CDF evaluation per edge."""
+def window_bits(density: "FactorizedDensity", edges: torch.Tensor, count: int, r: int) -> torch.Tensor:
+    """(C, count) bits of windows that share their edges: window i spans ``edges[:, i]`` to ``edges[:, i + r]``
+    (``count + r`` edges per channel): one CDF evaluation per edge."""
     c = density.cdf_logits(edges)
     return -density.log_prob_from_logits(c[:, :count], c[:, r: r + count]) / LN2
 
@@ -73,9 +73,9 @@ class FactorizedDensity(nn.Module):
             f = self.factors[i] if i < len(self.factors) else None
             if channel is not None:
                 m, b, f = m[channel], b[channel], (f[channel] if f is not None else None)
-            h = torch.matmul(F.softplus(m), h) + b
+            h = torch.baddbmm(b, F.softplus(m), h)
             if f is not None:
-                h = h + torch.tanh(f) * torch.tanh(h)
+                h = torch.addcmul(h, torch.tanh(f), torch.tanh(h))
         return h.squeeze(1)
 
     def log_prob_between(self, lower: torch.Tensor, upper: torch.Tensor,
@@ -87,8 +87,7 @@ class FactorizedDensity(nn.Module):
     @staticmethod
     def log_prob_from_logits(lo_logit: torch.Tensor, up_logit: torch.Tensor) -> torch.Tensor:
         """log(sigmoid(up_logit) - sigmoid(lo_logit)), stable in both tails."""
-        s = -torch.sign(lo_logit + up_logit).detach()  # work in the tail where sigmoid is small
-        s = torch.where(s == 0, torch.ones_like(s), s)
+        s = torch.where(lo_logit + up_logit > 0, -1.0, 1.0)  # work in the tail where sigmoid is small
         a, b = F.logsigmoid(s * lo_logit), F.logsigmoid(s * up_logit)
         hi, lo = torch.maximum(a, b), torch.minimum(a, b)
         return hi + torch.log(-torch.expm1(_pass_through_max(lo - hi, -1e-12)))
@@ -116,26 +115,88 @@ class LatentTensor(NamedTuple):
         return self.kind.params_split(self.params)[1]
 
 
-def _steps_and_shifts(tensors: Sequence[LatentTensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log_step, shift) of every channel, detached (shift 0 for kinds without shifts)."""
-    params = torch.cat([t.params.detach() for t in tensors])
-    index, start = [], 0  # per channel: where its log step and its shift lie in ``params`` (-1: no shift)
-    for t in tensors:
-        g = t.kind.num_groups
-        index.append((start, start + g if t.kind.has_shift else -1, g))
-        start += t.params.numel()
-    log_step = torch.cat([params[a: a + g] for a, _, g in index])
-    shift = torch.cat([params[b: b + g] if b >= 0 else params.new_zeros(g) for _, b, g in index])
-    return log_step, shift
+class RateLayout:
+    """Where every latent tensor lies in the rate's flat buffers, and its channels and parameters. With ``batched``,
+    the small tensors (up to ``SMALL_TENSOR`` elements) come first, back to back, and are placed together with
+    per-element gathers: a few operations whatever their number (a small tensor's cost is the fixed overhead of its
+    operations). The large ones follow, each placed on its own with its groups' coefficients broadcast (no
+    per-element index)."""
 
+    def __init__(self, tensors: Sequence[LatentTensor], batched: bool = False):
+        sizes = [t.z.numel() for t in tensors]
+        small = [i for i, n in enumerate(sizes) if n <= SMALL_TENSOR] if batched else []
+        self.small = small if len(small) > 1 else []
+        self.large = [i for i in range(len(tensors)) if i not in set(self.small)]
+        self.key = self.key_of(tensors)
+        self.parts: list[slice] = [slice(0)] * len(tensors)  # each tensor's slice of the flat buffers
+        start = 0
+        for i in self.small + self.large:
+            self.parts[i], start = slice(start, start + sizes[i]), start + sizes[i]
+        self.small_numel = sum(sizes[i] for i in self.small)
+        first = 0
+        self.channels: list[slice] = []  # each tensor's density channels (its groups, consecutive)
+        for t in tensors:
+            self.channels.append(slice(first, first + t.kind.num_groups))
+            first += t.kind.num_groups
+        device = tensors[0].z.device
+        self.small_channel = torch.cat([tensors[i].kind.group_index(device) + self.channels[i].start
+                                        for i in self.small]) if self.small else None
+        # per channel: where its log step and its shift lie in the parameters concatenated (plus a trailing zero)
+        self.param_sizes = [t.params.numel() for t in tensors]
+        total, step_index, shift_index, start = sum(self.param_sizes), [], [], 0
+        for t, size in zip(tensors, self.param_sizes):
+            g = torch.arange(t.kind.num_groups, device=device) + start
+            step_index.append(g)
+            shift_index.append(g + t.kind.num_groups if t.kind.has_shift else torch.full_like(g, total))
+            start += size
+        self.step_index, self.shift_index = torch.cat(step_index), torch.cat(shift_index)
+        self._offsets: tuple[int, torch.Tensor] | None = None
 
-def _placed(tensors: Sequence[LatentTensor]) -> Iterator[tuple[LatentTensor, slice, slice]]:
-    """Every tensor with its slice of the flat latents (all tensors in order) and its slice of the channels."""
-    start = first = 0
-    for t in tensors:
-        n, g = t.z.numel(), t.kind.num_groups
-        yield t, slice(start, start + n), slice(first, first + g)
-        start, first = start + n, first + g
+    @staticmethod
+    def key_of(tensors: Sequence[LatentTensor]) -> tuple:
+        return tuple((id(t.z), tuple(t.z.shape), id(t.kind), t.z.device) for t in tensors)
+
+    def steps_and_shifts(self, tensors: Sequence[LatentTensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_step, shift) of every channel, detached (shift 0 for kinds without shifts)."""
+        flat = torch.cat([*(t.params.detach().reshape(-1) for t in tensors), tensors[0].params.new_zeros(1)])
+        return flat[self.step_index], flat[self.shift_index]
+
+    def steering(self, tensors: Sequence[LatentTensor], grad_log_step: torch.Tensor,
+                 grad_shift: torch.Tensor) -> torch.Tensor:
+        """A zero-valued term whose gradients to the decoders' parameters are the given ones (per channel; shifts of
+        kinds without shifts dropped)."""
+        flat = grad_log_step.new_zeros(sum(self.param_sizes) + 1)
+        flat.index_add_(0, self.step_index, grad_log_step).index_add_(0, self.shift_index, grad_shift)
+        return _ParamGradient.apply(flat[:-1], *[t.params for t in tensors])
+
+    def place(self, tensors: Sequence[LatentTensor], out: torch.Tensor, noise: torch.Tensor | None,
+              a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, scratch: torch.Tensor | None = None) -> None:
+        """``out = z * a + b (+ noise * c)`` for every latent, with a, b, c given per channel."""
+        if self.small:
+            part = out[: self.small_numel]
+            z = torch.cat([tensors[i].z.detach().reshape(-1) for i in self.small],
+                          out=scratch[: self.small_numel] if scratch is not None else None)
+            coef = torch.stack([a, b, c] if c is not None else [a, b]).index_select(1, self.small_channel)
+            torch.addcmul(coef[1], z, coef[0], out=part)
+            if c is not None:
+                part.addcmul_(noise[: self.small_numel], coef[2])
+        for i in self.large:
+            t, where, ch = tensors[i], self.parts[i], self.channels[i]
+            target, view = out[where].view(t.z.shape), t.kind.group_view
+            torch.addcmul(view(b[ch]), t.z.detach(), view(a[ch]), out=target)
+            if c is not None:
+                target.addcmul_(noise[where].view(t.z.shape), view(c[ch]))
+
+    def add_channel_offsets(self, tensors: Sequence[LatentTensor], index: torch.Tensor, cells: int) -> None:
+        """Add ``channel * cells`` to every latent's cell index (int32)."""
+        if self.small:
+            if self._offsets is None or self._offsets[0] != cells:
+                self._offsets = cells, (self.small_channel * cells).to(torch.int32)
+            index[: self.small_numel].add_(self._offsets[1])
+        offsets = torch.arange(len(self.step_index), device=index.device, dtype=torch.int32) * cells
+        for i in self.large:
+            t = tensors[i]
+            index[self.parts[i]].view(t.z.shape).add_(t.kind.group_view(offsets[self.channels[i]]))
 
 
 def _unit_bounds(tensors: Sequence[LatentTensor], step: torch.Tensor,
@@ -161,6 +222,7 @@ class LatentHistogram:
     step: torch.Tensor  # (C,) float64, the step sizes the grid was built with
     resolution: int
     unit_bins: bool  # every channel has bins of one integer
+    layout: RateLayout  # where each tensor's latents lie in ``index``
 
     @property
     def cells(self) -> int:
@@ -179,7 +241,8 @@ def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_b
     spare bin on each side, so every latent lands inside its own channel. ``resolution`` (1, 2 or 4 cells per bin)
     is halved while the grid would exceed ``MAX_CELLS`` cells per channel: channels that wide are smooth at the
     scale of one integer."""
-    log_step, shift = _steps_and_shifts(tensors)
+    layout = RateLayout(tensors)
+    log_step, shift = layout.steps_and_shifts(tensors)
     step, shift = log_step.double().exp(), shift.double()
     requested = resolution
     lo, hi = (torch.round(b) for b in _unit_bounds(tensors, step, shift))
@@ -205,7 +268,7 @@ def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_b
         scale, offset = 1 / width, -origin / width
         host_scale, host_offset = scale.tolist(), offset.tolist()
     position = torch.empty(sum(t.z.numel() for t in tensors), dtype=torch.float32, device=lo.device)
-    for t, part, ch in _placed(tensors):
+    for t, part, ch in zip(tensors, layout.parts, layout.channels):
         out, z = position[part].view(t.z.shape), t.z.detach().float()
         if exact:
             z = round_latent(t.kind.units(z, t.params.detach()))
@@ -217,7 +280,7 @@ def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_b
             torch.addcmul(t.kind.group_view(b), z, t.kind.group_view(scale[ch].float()), out=out)
     index = position.to(torch.int32)  # in range: the grid spans every channel's values
     counts = torch.bincount(index, minlength=channels * cells).view(channels, cells)
-    return LatentHistogram(counts, index, origin, width, step, resolution, unit_bins=not host[1])
+    return LatentHistogram(counts, index, origin, width, step, resolution, unit_bins=not host[1], layout=layout)
 
 
 def cell_bits(density: FactorizedDensity, hist: LatentHistogram, smooth: bool = False) -> torch.Tensor:
@@ -227,7 +290,7 @@ def cell_bits(density: FactorizedDensity, hist: LatentHistogram, smooth: bool = 
     r, k = hist.resolution, hist.cells
     if hist.unit_bins:  # windows [center - 1/2, center + 1/2] share their edges: one CDF evaluation per edge
         j = torch.arange(k + r, dtype=torch.float64, device=hist.origin.device) + 0.5
-        bits = unit_window_bits(density, (hist.origin[:, None] - 0.5 + j[None, :] / r).float(), k, r)
+        bits = window_bits(density, (hist.origin[:, None] - 0.5 + j[None, :] / r).float(), k, r)
     else:
         half = (hist.width / 2)[:, None].float()
         centers = hist.centers()
@@ -265,8 +328,8 @@ def grid_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], resol
         grad_log_step = -(weighted * hist.centers()).sum(1)  # d units / d log_step = -units
         grad_shift = -weighted.sum(1) / hist.step.float()  # d units / d shift = -1 / step
         per_latent = (slope / hist.step.float()[:, None]).reshape(-1)  # bits per weight unit
-    return (total + _steering(tensors, grad_log_step, grad_shift)
-            + _CellGradient.apply(hist.index, per_latent, None, *[t.z for t in tensors]))
+    return (total + hist.layout.steering(tensors, grad_log_step, grad_shift)
+            + _CellGradient.apply(hist.index, per_latent, None, hist.layout, *[t.z for t in tensors]))
 
 
 SAMPLED_LATENTS = 1 << 22  # the density's and step sizes' gradients are estimated from about this many latents
@@ -287,7 +350,6 @@ class RateGrid:
     points: int
     resolution: int
     max_bins: int
-    unit: bool  # every bin holds one integer
     age: int = 0
 
     @property
@@ -303,13 +365,13 @@ class RateGrid:
         lo, hi = torch.round(bounds.nan_to_num(0.0, 0.0, 0.0)).long().chunk(2)
         width = integers_per_bin(lo, hi, max_bins)
         # one host sync for the grid's size and the finiteness check
-        widest, finite, unit = torch.stack([torch.div(hi - lo, width, rounding_mode="floor").max(),
-                                            torch.isfinite(bounds).all().long(), (width == 1).all().long()]).tolist()
+        widest, finite = torch.stack([torch.div(hi - lo, width, rounding_mode="floor").max(),
+                                      torch.isfinite(bounds).all().long()]).tolist()
         if not finite:
             raise EPRError(DIVERGED)
         spare = GRID_MARGIN + 1  # bins below the lowest value; the noise needs half a bin of them
         origin = (lo - spare * width).to(dtype) - 1
-        return cls(origin, width, (widest + 2 * spare + 2) * resolution, resolution, max_bins, bool(unit))
+        return cls(origin, width, (widest + 2 * spare + 2) * resolution, resolution, max_bins)
 
 
 class RateWorkspace:
@@ -322,6 +384,7 @@ class RateWorkspace:
         self.grid: RateGrid | None = None
         self.index_pending = False  # the latest cell index is saved for a backward that has not run yet
         self._buffers: dict[str, torch.Tensor] = {}
+        self._layout: RateLayout | None = None
 
     def __deepcopy__(self, memo: dict) -> "RateWorkspace":
         return RateWorkspace()
@@ -335,6 +398,13 @@ class RateWorkspace:
         if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
             b = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
         return b[:n]
+
+    def layout(self, tensors: Sequence[LatentTensor]) -> RateLayout:
+        """The tensors' batched :class:`RateLayout` (kept while they are the same tensors)."""
+        layout = self._layout
+        if layout is None or layout.key != RateLayout.key_of(tensors):
+            layout = self._layout = RateLayout(tensors, batched=True)
+        return layout
 
     def index(self, n: int, device: torch.device) -> torch.Tensor:
         """The cell-index buffer, or a new one while the previous is still held by a pending backward."""
@@ -360,15 +430,14 @@ class RateWorkspace:
         if g is None:
             return {}
         return {"origin": g.origin.tolist(), "width": g.width.tolist(), "points": g.points,
-                "resolution": g.resolution, "max_bins": g.max_bins, "unit": g.unit, "age": g.age}
+                "resolution": g.resolution, "max_bins": g.max_bins, "age": g.age}
 
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         self.grid = None
         if state:
             self.grid = RateGrid(torch.tensor(state["origin"], dtype=torch.float32, device=device),
                                  torch.tensor(state["width"], dtype=torch.long, device=device), int(state["points"]),
-                                 int(state["resolution"]), int(state["max_bins"]), bool(state["unit"]),
-                                 int(state["age"]))
+                                 int(state["resolution"]), int(state["max_bins"]), int(state["age"]))
 
     def usable_grid(self, channels: int, resolution: int, max_bins: int, device: torch.device) -> RateGrid | None:
         g = self.grid
@@ -384,9 +453,9 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
     """Bits of every latent plus one uniform noise draw, u + U(-1/2, 1/2), under ``density`` (the uniform-noise
     relaxation of Ballé et al., sampled: the training rate of ``rate_relaxation="noise"``).
 
-    The bits of an integer-wide window are tabulated per channel on a grid ``resolution`` times finer than one
-    integer (bins of several integers for channels wider than ``max_bins``) and interpolated linearly at each noisy
-    value. Gradients: to each latent, the slope of the interpolation at its noisy value; to the density (through
+    The bits of a window one bin wide are tabulated per channel on a grid ``resolution`` times finer than one bin
+    (a bin is one integer, or several in channels wider than ``max_bins``, whose density is then averaged over the
+    bin) and interpolated linearly at each noisy value. Gradients: to each latent, the slope of the interpolation at its noisy value; to the density (through
     the table) and to the step sizes and shifts, sums over the latents, taken over every latent up to
     ``SAMPLED_LATENTS`` and over an evenly strided random subset (scaled up, unbiased) above that; the value is the
     same estimate. The passes over the latents run in place in ``workspace``'s buffers (pass the same workspace
@@ -398,7 +467,8 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
     dtype, device = torch.promote_types(tensors[0].z.dtype, torch.float32), tensors[0].z.device
     n = sum(t.z.numel() for t in tensors)
     with torch.no_grad():
-        log_step, shift = _steps_and_shifts(tensors)
+        layout = workspace.layout(tensors)
+        log_step, shift = layout.steps_and_shifts(tensors)
         step = log_step.exp()
         channels = step.numel()
         # the sums over latents are estimated from every stride-th block above SAMPLED_LATENTS; the buffers are
@@ -415,10 +485,7 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
             # by tensor with its groups' coefficients broadcast: z * a + b + noise * c
             c = 1 / grid.h
             a, b = c / step, -(shift / step + grid.origin) * c
-            for t, part, ch in _placed(tensors):
-                out, view = position[part].view(t.z.shape), t.kind.group_view
-                torch.addcmul(view(b[ch]), t.z.detach(), view(a[ch]), out=out)
-                out.addcmul_(noise[part].view(t.z.shape), view(c[ch]))
+            layout.place(tensors, position, noise, a, b, c, workspace.buffer("small", layout.small_numel, dtype, device))
             low, high = torch.stack(position[:n].aminmax()).tolist()  # one host sync: do all lie on the grid?
             if 0 <= low and high < grid.points - 1:
                 break
@@ -429,9 +496,7 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         index[:n].copy_(position[:n])  # positions are >= 0: truncation is the floor
         position.frac_()  # the fraction w of the way to the next grid point
         index[n:] = channels * points  # the spare cell
-        offsets = torch.arange(channels, device=device, dtype=torch.int32) * points
-        for t, part, ch in _placed(tensors):
-            index[part].view(t.z.shape).add_(t.kind.group_view(offsets[ch]))
+        layout.add_channel_offsets(tensors, index, points)
         # sums over the latents (or an evenly strided random subset): per grid point, the latents whose noisy value
         # lies in the interval above it, their fractions w and their noise draws
         sample = [index, position, noise]
@@ -443,13 +508,11 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         count, frac, drawn = (torch.bincount(sample[0], w, minlength=cells + 1)[:cells].to(dtype).view(channels, -1)
                               * stride for w in (None, sample[1], sample[2]))
     h, origin = grid.h, grid.origin
-    if grid.unit:
-        edges = (origin - 0.5).unsqueeze(1) + torch.arange(points + resolution, dtype=dtype,
-                                                            device=device).unsqueeze(0) / resolution
-        f = unit_window_bits(density, edges, points, resolution)
-    else:
-        values = origin.unsqueeze(1) + torch.arange(points, dtype=dtype, device=device).unsqueeze(0) * h.unsqueeze(1)
-        f = -density.log_prob_between(values - 0.5, values + 0.5) / LN2
+    # each point's window is one bin wide: one integer in channels of unit bins; in wider channels, smooth at the
+    # scale of one integer, the density averaged over the bin. Neighbouring windows share their edges.
+    k = torch.arange(points + resolution, dtype=dtype, device=device) - resolution / 2
+    edges = origin.unsqueeze(1) + k.unsqueeze(0) * h.unsqueeze(1)
+    f = window_bits(density, edges, points, resolution) + torch.log2(grid.width.to(dtype)).unsqueeze(1)
     with torch.no_grad():
         weight = count - frac  # linear interpolation: (1 - w) to the point below, w to the point above
         weight[:, 1:] += frac[:, :-1]
@@ -461,17 +524,8 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         grad_log_step = -(per_unit * (count * (origin[:, None] + j * h[:, None]) + frac * h[:, None] - drawn)).sum(1)
         grad_shift = -(per_unit * count).sum(1) / step
         per_latent = (per_unit / step[:, None]).reshape(-1)  # bits per latent unit z
-    return ((f * weight).sum() + _steering(tensors, grad_log_step, grad_shift)
-            + _CellGradient.apply(index[:n], per_latent, workspace, *[t.z for t in tensors]))
-
-
-def _steering(tensors: Sequence[LatentTensor], grad_log_step: torch.Tensor, grad_shift: torch.Tensor) -> torch.Tensor:
-    """A zero-valued term whose gradients to the decoders' parameters are the given ones (per channel; shifts of
-    kinds without shifts ignored)."""
-    sizes = [t.kind.num_groups for t in tensors]
-    steps, shifts = grad_log_step.split(sizes), grad_shift.split(sizes)
-    flat = torch.cat([p for t, a, b in zip(tensors, steps, shifts) for p in ((a, b) if t.kind.has_shift else (a,))])
-    return _ParamGradient.apply(flat, *[t.params for t in tensors])
+    return ((f * weight).sum() + layout.steering(tensors, grad_log_step, grad_shift)
+            + _CellGradient.apply(index[:n], per_latent, workspace, layout, *[t.z for t in tensors]))
 
 
 class _ParamGradient(torch.autograd.Function):
@@ -490,23 +544,26 @@ class _ParamGradient(torch.autograd.Function):
 
 
 class _CellGradient(torch.autograd.Function):
-    """Zero in value; the gradient to each latent is the slope table at its cell (one gather for all latents)."""
+    """Zero in value; the gradient to each latent is the slope table at its cell: one gather for all the small
+    tensors together, one per large tensor (a tensor of its own, which gradient accumulation takes as it is)."""
 
     @staticmethod
-    def forward(ctx, index: torch.Tensor, slope: torch.Tensor, workspace: RateWorkspace | None,
+    def forward(ctx, index: torch.Tensor, slope: torch.Tensor, workspace: RateWorkspace | None, layout: RateLayout,
                 *zs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index, slope)
-        ctx.shapes, ctx.workspace = [z.shape for z in zs], workspace
+        ctx.shapes, ctx.workspace, ctx.layout = [z.shape for z in zs], workspace, layout
         return slope.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         index, slope = ctx.saved_tensors
-        table, grads, start = slope * grad_output, [], 0
-        for shape in ctx.shapes:  # one tensor per latent: gradient accumulation can take it as it is
-            n = math.prod(shape)
-            grads.append(table.index_select(0, index[start: start + n]).view(shape))
-            start += n
+        table, layout, grads = slope * grad_output, ctx.layout, [None] * len(ctx.shapes)
+        if layout.small:
+            small = table.index_select(0, index[: layout.small_numel])
+            for i in layout.small:
+                grads[i] = small[layout.parts[i]].view(ctx.shapes[i])
+        for i in layout.large:
+            grads[i] = table.index_select(0, index[layout.parts[i]]).view(ctx.shapes[i])
         if ctx.workspace is not None:
             ctx.workspace.index_pending = False  # its index buffer may be written again
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)

@@ -25,7 +25,7 @@ from .format.decoders import decoder_for_entry, round_latent
 from .format.errors import EPRFormatError
 from .format.modeling_epr import architecture_class, decode_state_dict, resolve_file
 from .remote_code import repo_auto_map, write_remote_code
-from .reparam import CompressedTensor, attach
+from .reparam import CompressedTensor, DecodeBatch, attach
 
 REFIT_STEPS = 100  # density fit after loading a repo saved without its density
 DENSITY_NAME = "epr_density.safetensors"
@@ -49,16 +49,19 @@ class EPRModel(PreTrainedModel):
     main_input_name = "pixel_values"
 
     def __init__(self, config: EPRCompressedConfig, base_model: PreTrainedModel | None = None,
-                 init_density: bool = True):
+                 initialize: bool = True):
+        """``initialize=False``: latents, decoders and density are about to be loaded, so nothing is computed from
+        the base model's weights."""
         super().__init__(config)
         self.model = base_model if base_model is not None else _build(config.to_base_config())
         self.model.config.architectures = [type(self.model).__name__]  # what loading builds again
         self.epr_config = EPRConfig.from_dict(config.epr or {})
-        self.entries: list[CompressedTensor] = attach(self.model, self.epr_config)
+        self.entries: list[CompressedTensor] = attach(self.model, self.epr_config, initialize)
         channels = sum(e.kind.num_groups for e in self.entries)
-        spreads = torch.cat([self._spread(e) for e in self.entries]) if init_density and self.entries else None
+        spreads = torch.cat([self._spread(e) for e in self.entries]) if initialize and self.entries else None
         self.density = FactorizedDensity(channels, spreads, self.epr_config.density_filters)
         self.rate_workspace = RateWorkspace()  # the training rate's buffers, kept between steps
+        self.decode_batch = DecodeBatch(self.entries)  # the small tensors, decoded together in forward
         self.main_input_name = getattr(self.model, "main_input_name", "pixel_values")
         self.post_init()
 
@@ -125,8 +128,19 @@ class EPRModel(PreTrainedModel):
         ``(outputs, bits())``, the rate computed inside forward so that DistributedDataParallel sees every
         parameter used once per step."""
         with parametrize.cached():
+            self._decode_small_tensors()
             outputs = self.model(*args, **kwargs)
         return (outputs, self.bits()) if return_bits else outputs
+
+    def _decode_small_tensors(self) -> None:
+        """Decode the small tensors together into the parametrizations' cache (which the caller has enabled), so
+        that the forward finds them decoded. Skipped for sharded (FSDP) latents, each gathered by its own module."""
+        cache = getattr(parametrize, "_cache", None)
+        batch = self.decode_batch.entries
+        if not batch or not isinstance(cache, dict) or type(batch[0].latent.data) is not torch.Tensor:
+            return
+        for entry, weight in self.decode_batch.weights():
+            cache[(id(entry.module), entry.attr)] = weight
 
     def latent_tensors(self) -> list[LatentTensor]:
         """Every compressed tensor as the rate sees it (latent, decoder kind, log steps, shifts)."""
@@ -312,7 +326,7 @@ class EPRModel(PreTrainedModel):
         meta, arrays = read_container(resolve_file(repo, WEIGHTS_NAME, **hub))
         base_config = config.to_base_config(repo, **hub)
         model = cls(config, base_model=_build(base_config, architecture_class(base_config, repo, **hub)),
-                    init_density=False)
+                    initialize=False)
         model.load_coded(meta, arrays)
         if not model._load_density(repo, **hub):  # repos saved before the density was stored: fit it again
             model.fit_density(REFIT_STEPS)
@@ -346,8 +360,7 @@ class EPRModel(PreTrainedModel):
                                          f"shape {list(entry.latent.shape)} with layout {entry.kind.layout()}")
                 p = params[t["params"]: t["params"] + entry.kind.num_params].to(entry.decoder.params.device)
                 entry.decoder.params.copy_(p)
-                q = torch.from_numpy(entry.kind.join([latents[g] for g in t["groups"]])).to(p.device)
-                entry.latent.copy_(entry.kind.from_integers(q, p))
+                entry.kind.from_integers(entry.kind.integers([latents[g] for g in t["groups"]]), p, out=entry.latent)
             state = decode_state_dict({**meta, "tensors": list(by_name.values())}, arrays, latents)
             for name, _, tensor in self._raw_tensors():
                 if name not in state or tuple(state[name].shape) != tuple(tensor.shape):

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import EPRConfig
-from .format.decoders import DECODER_KINDS, DecoderKind, weight_spread
+from .format.decoders import DECODER_KINDS, SMALL_TENSOR, DecoderKind, quantize_together, weight_spread
 
 
 class LatentDecoder(nn.Module):
@@ -21,10 +21,11 @@ class LatentDecoder(nn.Module):
         super().__init__()
         self.kind = kind
         self.params = nn.Parameter(params.detach().float().contiguous())
+        self.keep_memory = False  # right_inverse passes the weight through (its values are about to be loaded)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         """Weights -> latent (the value the parameter starts from)."""
-        return self.kind.inverse_transform(w)
+        return w if self.keep_memory else self.kind.inverse_transform(w)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.kind.forward(z, self.params)
@@ -65,18 +66,68 @@ class CompressedTensor:
         return self.decoder.kind
 
 
+class DecodeBatch:
+    """The small compressed tensors of a model, decoded together: one straight-through rounding over all their
+    latents per forward instead of one per tensor. A small tensor costs its operations' fixed overhead, not its
+    size, so a model of many small tensors (biases, norms, small kernels) spends most of its decoding time on it."""
+
+    def __init__(self, entries: list[CompressedTensor]):
+        small = [e for e in entries if e.latent.numel() <= SMALL_TENSOR]
+        # tensors whose transforms are alike lie side by side: their rows go through one product
+        small.sort(key=lambda e: (e.kind.transform_key is not None, str(e.kind.transform_key)))
+        self.entries = small if len(small) > 1 else []
+        self._runs: list[list[CompressedTensor]] = []
+        for e in self.entries:
+            if self._runs and self._runs[-1][0].kind.transform_key == e.kind.transform_key:
+                self._runs[-1].append(e)
+            else:
+                self._runs.append([e])
+        self._index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per latent element: where its log step and its shift lie in the decoders' parameters concatenated."""
+        key = str(device)
+        if key not in self._index:
+            total = sum(e.decoder.params.numel() for e in self.entries)  # the trailing zero: no shift
+            steps, shifts, start = [], [], 0
+            for e in self.entries:
+                group, g = e.kind.group_index(device), e.kind.num_groups
+                steps.append(group + start)
+                shifts.append(group + start + g if e.kind.has_shift else torch.full_like(group, total))
+                start += e.decoder.params.numel()
+            self._index[key] = torch.cat(steps), torch.cat(shifts)
+        return self._index[key]
+
+    def weights(self) -> list[tuple[CompressedTensor, torch.Tensor]]:
+        """Every batched tensor with its decoded weight (what its parametrization returns)."""
+        if not self.entries:
+            return []
+        zs = [e.latent for e in self.entries]
+        flat = quantize_together(zs, [e.decoder.params for e in self.entries], *self._indices(zs[0].device))
+        weights, start = [], 0
+        for run in self._runs:  # consecutive entries that transform alike: one transform for all
+            sizes = [e.latent.numel() for e in run]
+            out = run[0].kind.transform_flat(flat[start: start + sum(sizes)])
+            weights += [(e, w.view(e.kind.shape)) for e, w in zip(run, out.split(sizes))]
+            start += sum(sizes)
+        return weights
+
+
 def is_compressed(p: torch.Tensor, config: EPRConfig) -> bool:
     """Large, floating and trainable tensors are compressed; the others stay raw."""
     return p.is_floating_point() and p.requires_grad and p.numel() >= config.raw_threshold
 
 
-def choose_decoder(p: torch.Tensor, config: EPRConfig, default_spread: float = 1e-2) -> LatentDecoder | None:
+def choose_decoder(p: torch.Tensor, config: EPRConfig, default_spread: float | None = 1e-2) -> LatentDecoder | None:
     """``config.conv_decoder`` for k x k kernels (k > 1), ``config.dense_decoder`` for other tensors, None (raw)
-    for small, integer or frozen ones. Constant tensors start with a step from ``default_spread``."""
+    for small, integer or frozen ones. Constant tensors start with a step from ``default_spread``; with
+    ``default_spread=None`` the parameters start at zero (to be loaded)."""
     if not is_compressed(p, config):
         return None
     name = config.conv_decoder if p.ndim == 4 and p.shape[-1] * p.shape[-2] > 1 else config.dense_decoder
     kind = DECODER_KINDS[name].for_weight(tuple(p.shape), config.to_dict())
+    if default_spread is None:
+        return LatentDecoder(kind, torch.zeros(kind.num_params, device=p.device))
     return LatentDecoder(kind, kind.initial_params(p, config.init_step_ratio, default_spread).to(p.device))
 
 
@@ -86,19 +137,23 @@ def typical_spread(model: nn.Module, config: EPRConfig) -> float:
     return float(np.median(spreads)) if spreads else 1e-2
 
 
-def attach(model: nn.Module, config: EPRConfig) -> list[CompressedTensor]:
-    """Reparameterize every large trainable parameter of ``model`` in place; returns them in order."""
+def attach(model: nn.Module, config: EPRConfig, initialize: bool = True) -> list[CompressedTensor]:
+    """Reparameterize every large trainable parameter of ``model`` in place; returns them in order. With
+    ``initialize=False`` (latents and decoders about to be loaded) nothing is computed from the weights: each
+    latent keeps its weight's memory, and the decoders' parameters start at zero."""
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
-    compressed, default_spread = [], typical_spread(model, config)
+    compressed, default_spread = [], typical_spread(model, config) if initialize else None
     for name, p in list(model.named_parameters()):
         decoder = choose_decoder(p, config, default_spread)
         if decoder is None:
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
+        decoder.keep_memory = not initialize
         parametrize.register_parametrization(module, attr, decoder, unsafe=True)
+        decoder.keep_memory = False
         aliases = [a for a in owners[id(p)] if a != name]
         for alias in aliases:
             alias_module_name, _, alias_attr = alias.rpartition(".")

@@ -221,6 +221,16 @@ class EPRTrainer(Trainer):
         self.log({"trim_log_step": shift, "size_error_before_trim": before, "size_error_after_trim": after})
         return shift
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's estimate (6 x input elements x parameters), with the parameters counted once: counting
+        walks every module, and the Trainer asks every step."""
+        key = getattr(self.model, "main_input_name", "input_ids")
+        if key not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if "_flops_parameters" not in self.__dict__:
+            self._flops_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[key].numel() * self._flops_parameters
+
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
         if self.optimizer is None:

@@ -157,3 +157,34 @@ def test_training_rate_grid_survives_a_checkpoint():
     again = entropy.RateWorkspace()
     again.load_state_dict(state)
     assert again.state_dict() == state and state["points"] > 0
+
+
+def test_small_tensors_placed_together_give_the_rate_of_tensors_placed_one_by_one(monkeypatch):
+    """The training rate's layout (small tensors first, placed together with per-element gathers; the others one by
+    one) gives the rate and gradients of placing every tensor on its own, for the same noise draw of each latent."""
+    model = EPRModel.from_base(tiny_model("convnext"), EPRConfig(init_step_ratio=0.05)).train()
+    tensors = model.latent_tensors()
+    sizes = sorted(t.z.numel() for t in tensors)
+    torch.manual_seed(0)
+    noise = [torch.rand(t.z.shape) - 0.5 for t in tensors]
+
+    class FixedNoise(entropy.RateWorkspace):
+        def noise(self, n, dtype, device):
+            out = torch.zeros(n, dtype=dtype)
+            for part, draws in zip(self.layout(tensors).parts, noise):
+                out[part] = draws.reshape(-1)
+            return out
+
+    results = []
+    for small in (sizes[len(sizes) // 2], 0):  # half the tensors together, then none
+        monkeypatch.setattr(entropy, "SMALL_TENSOR", small)
+        workspace = FixedNoise()
+        model.zero_grad(set_to_none=True)
+        rate = noise_rate(model.density, tensors, workspace=workspace)
+        rate.backward()
+        assert bool(workspace.layout(tensors).small) == (small > 0)
+        results.append((float(rate.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (a, grads_a), (b, grads_b) = results
+    assert a == pytest.approx(b, rel=1e-6)
+    assert len(grads_a) == len(grads_b) and all(torch.allclose(g, h, rtol=1e-4, atol=1e-6)
+                                                for g, h in zip(grads_a, grads_b))

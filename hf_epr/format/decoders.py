@@ -62,6 +62,14 @@ def dct_matrix(n: int) -> torch.Tensor:
     return torch.from_numpy(d.astype(np.float32))
 
 
+def _quantize(z: torch.Tensor, step: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """step * round((z - shift) / step) + shift, clamped like :func:`round_latent`: the float operations of
+    ``decode()``, in place on one temporary."""
+    x = (z - shift).div_(step) if shift is not None else z / step
+    x = x.round_().clamp_(-MAX_LATENT, MAX_LATENT).mul_(step)
+    return x.add_(shift) if shift is not None else x
+
+
 class _QuantizeSTE(torch.autograd.Function):
     """x = step * round((z - shift) / step) + shift with straight-through rounding, fused, for one tensor of
     ``kind`` with its flat parameters (log steps, then shifts).
@@ -73,12 +81,7 @@ class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, params: torch.Tensor, kind: "DecoderKind") -> torch.Tensor:
         log_step, shift = kind.params_split(params)
-        step = kind.group_view(torch.exp(log_step))
-        shift = kind.group_view(shift) if shift is not None else None
-        x = (z - shift).div_(step) if shift is not None else z / step  # the same float ops as decode(), in place
-        x = x.round_().clamp_(-MAX_LATENT, MAX_LATENT).mul_(step)
-        if shift is not None:
-            x = x.add_(shift)
+        x = _quantize(z, kind.group_view(torch.exp(log_step)), kind.group_view(shift) if shift is not None else None)
         ctx.save_for_backward(x - z)
         ctx.kind = kind
         return x
@@ -94,6 +97,41 @@ class _QuantizeSTE(torch.autograd.Function):
         if kind.has_shift:  # no gradient to the shifts
             grad_log_step = torch.cat([grad_log_step, torch.zeros_like(grad_log_step)])
         return grad, grad_log_step, None
+
+
+class _QuantizeTogether(torch.autograd.Function):
+    """:class:`_QuantizeSTE` for several tensors in one operation: ``count`` latents, then their flat parameters.
+    ``step_index``/``shift_index`` give each latent element (all tensors' elements in order) the place of its log
+    step and of its shift in the parameters concatenated, plus one trailing zero (the shift of kinds without)."""
+
+    @staticmethod
+    def forward(ctx, step_index: torch.Tensor, shift_index: torch.Tensor, count: int,
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        zs, params = tensors[:count], tensors[count:]
+        flat = torch.cat([*(p.reshape(-1) for p in params), params[0].new_zeros(1)])
+        z = torch.cat([t.reshape(-1) for t in zs])
+        x = _quantize(z, flat.exp().index_select(0, step_index), flat.index_select(0, shift_index))
+        ctx.save_for_backward(x - z, step_index)
+        ctx.sizes, ctx.shapes = [p.numel() for p in params], [t.shape for t in zs]
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        diff, step_index = ctx.saved_tensors
+        per_param = torch.bincount(step_index, grad * diff, minlength=sum(ctx.sizes) + 1)  # shifts get 0
+        grads = [g.view(shape) for g, shape in zip(grad.split([math.prod(s) for s in ctx.shapes]), ctx.shapes)]
+        return (None, None, None, *grads, *per_param[:-1].to(diff.dtype).split(ctx.sizes))
+
+
+SMALL_TENSOR = 1 << 16  # tensors up to this many elements are handled together (decoding and the training rate)
+
+
+def quantize_together(zs: list[torch.Tensor], params: list[torch.Tensor], step_index: torch.Tensor,
+                      shift_index: torch.Tensor) -> torch.Tensor:
+    """The quantized latents of several tensors (each ``kind.forward`` before its transform), flat and back to back,
+    in one operation and one autograd node: the per-operation cost of many small tensors paid once. See
+    :class:`_QuantizeTogether`."""
+    return _QuantizeTogether.apply(step_index, shift_index, len(zs), *zs, *params)
 
 
 class DecoderKind:
@@ -191,6 +229,16 @@ class DecoderKind:
         """The linear map from dequantized latents to weights (identity unless overridden)."""
         return x
 
+    @property
+    def transform_key(self) -> tuple | None:
+        """Kinds with equal keys transform alike, so that several tensors go through one :meth:`transform_flat`;
+        None for the identity."""
+        return None
+
+    def transform_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`transform` of one or several tensors of this kind's key, flat and back to back."""
+        return x
+
     def inverse_transform(self, w: torch.Tensor) -> torch.Tensor:
         """Weights -> latents in weight units (the inverse of :meth:`transform`)."""
         return w
@@ -218,11 +266,19 @@ class DecoderKind:
         """Training forward: the weights with straight-through rounding (gradients to z and the parameters)."""
         return self.transform(_QuantizeSTE.apply(z, params, self))
 
-    def from_integers(self, q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """A latent z (weight units) whose rounding gives the integers ``q``."""
+    def from_integers(self, q: torch.Tensor, params: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A latent z (weight units) whose rounding gives the integers ``q``; computed in ``out`` when given (``q``
+        of any dtype, converted as it is copied in)."""
         log_step, shift = self.params_split(params)
-        z = self.group_view(torch.exp(log_step)) * q
-        return z + self.group_view(shift) if shift is not None else z
+        step = self.group_view(torch.exp(log_step))
+        z = out.copy_(q).mul_(step) if out is not None else step * q
+        if shift is None:
+            return z
+        return z.add_(self.group_view(shift)) if out is not None else z + self.group_view(shift)
+
+    def integers(self, groups: list[np.ndarray]) -> torch.Tensor:
+        """The decoded coding groups as one tensor of the tensor's shape (any dtype: a view where the kind can)."""
+        return torch.from_numpy(self.join(groups))
 
     def group_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Group id of every element in the latent's flat (row-major) order."""
@@ -291,6 +347,9 @@ class AffineKind(DecoderKind):
 
     def join(self, groups: list[np.ndarray]) -> np.ndarray:
         return groups[0].astype(np.float32).reshape(self.shape)
+
+    def integers(self, groups: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(groups[0]).view(self.shape)
 
     def decode_groups(self, groups: list[np.ndarray], params: torch.Tensor) -> torch.Tensor:
         """In place: the int32 values become the float32 weights in the same memory (no copy of the tensor)."""
@@ -417,8 +476,15 @@ class DCTKind(DecoderKind):
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """Kernels from DCT coefficients: Dh.T @ x @ Dw per slice, as one matrix product with kron(Dh, Dw)."""
+        return self.transform_flat(x.reshape(-1)).view(x.shape)
+
+    @property
+    def transform_key(self) -> tuple:
+        return ("dct", *self.shape[2:])
+
+    def transform_flat(self, x: torch.Tensor) -> torch.Tensor:
         kh, kw = self.shape[2:]
-        return (x.reshape(*x.shape[:-2], kh * kw) @ self._basis(x)).view(x.shape)
+        return (x.view(-1, kh * kw) @ self._basis(x)).view(-1)
 
     def inverse_transform(self, w: torch.Tensor) -> torch.Tensor:
         kh, kw = self.shape[2:]

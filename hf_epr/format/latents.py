@@ -32,18 +32,21 @@ def _decode_stream(meta: dict[str, Any], words: np.ndarray, counts: np.ndarray, 
     decoded = coder(meta.get("coder")).decode(words, tables, meta["precision"])
     for i, symbols in zip(groups, decoded):
         target = out[starts[i]: starts[i] + symbols.size]
-        target[:] = symbols
         if escapes is not None:
-            _to_values(target, meta["groups"][i], escapes[i])
+            _to_values(target, meta["groups"][i], escapes[i], symbols)
+        else:
+            target[:] = symbols
 
 
-def _to_values(target: np.ndarray, group: list[int], escaped: np.ndarray) -> None:
-    """Table indices -> values in place: add the table's start, put the escaped values where the escape symbol is."""
+def _to_values(target: np.ndarray, group: list[int], escaped: np.ndarray, symbols: np.ndarray | None = None) -> None:
+    """Table indices (``symbols``, else ``target`` itself) -> values in ``target``: the table's start added, the
+    escaped values where the escape symbol is."""
     lo, n_sym = group[0], group[1]
-    esc = target == n_sym - 1
-    if int(esc.sum()) != escaped.size:
+    symbols = target if symbols is None else symbols
+    esc = np.flatnonzero(symbols == n_sym - 1)
+    if esc.size != escaped.size:
         raise EPRFormatError("a coded group holds a different number of escapes than the file")
-    target += np.int32(lo)
+    np.add(symbols, np.int32(lo), out=target)
     target[esc] = escaped
 
 
