@@ -169,23 +169,28 @@ class RateLayout:
         flat.index_add_(0, self.step_index, grad_log_step).index_add_(0, self.shift_index, grad_shift)
         return _ParamGradient.apply(flat[:-1], *[t.params for t in tensors])
 
-    def place(self, tensors: Sequence[LatentTensor], out: torch.Tensor, noise: torch.Tensor | None,
-              a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, scratch: torch.Tensor | None = None) -> None:
-        """``out = z * a + b (+ noise * c)`` for every latent, with a, b, c given per channel."""
+    def place(self, tensors: Sequence[LatentTensor], out: torch.Tensor, noise: torch.Tensor, a: torch.Tensor,
+              b: torch.Tensor, c: torch.Tensor | float, scratch: torch.Tensor | None = None) -> None:
+        """``out = z * a + b + noise * c`` for every latent, with a, b, c given per channel (c may be one number)."""
+        per_channel = isinstance(c, torch.Tensor)
         if self.small:
             part = out[: self.small_numel]
             z = torch.cat([tensors[i].z.detach().reshape(-1) for i in self.small],
                           out=scratch[: self.small_numel] if scratch is not None else None)
-            coef = torch.stack([a, b, c] if c is not None else [a, b]).index_select(1, self.small_channel)
+            coef = torch.stack([a, b, c] if per_channel else [a, b]).index_select(1, self.small_channel)
             torch.addcmul(coef[1], z, coef[0], out=part)
-            if c is not None:
+            if per_channel:
                 part.addcmul_(noise[: self.small_numel], coef[2])
+            else:
+                part.add_(noise[: self.small_numel], alpha=c)
         for i in self.large:
             t, where, ch = tensors[i], self.parts[i], self.channels[i]
             target, view = out[where].view(t.z.shape), t.kind.group_view
             torch.addcmul(view(b[ch]), t.z.detach(), view(a[ch]), out=target)
-            if c is not None:
+            if per_channel:
                 target.addcmul_(noise[where].view(t.z.shape), view(c[ch]))
+            else:
+                target.add_(noise[where].view(t.z.shape), alpha=c)
 
     def add_channel_offsets(self, tensors: Sequence[LatentTensor], index: torch.Tensor, cells: int) -> None:
         """Add ``channel * cells`` to every latent's cell index (int32)."""
@@ -351,10 +356,16 @@ class RateGrid:
     resolution: int
     max_bins: int
     age: int = 0
+    same_width: int = 0  # the width of every channel's bins when they are all alike, else 0
 
     @property
     def h(self) -> torch.Tensor:
         return self.width.to(self.origin.dtype) / self.resolution
+
+    @property
+    def points_per_unit(self) -> torch.Tensor | float:
+        """1 / h: per channel, or one number when every channel's bins are alike (no per-channel broadcast)."""
+        return self.resolution / self.same_width if self.same_width else 1 / self.h
 
     @classmethod
     @torch.no_grad()
@@ -365,13 +376,14 @@ class RateGrid:
         lo, hi = torch.round(bounds.nan_to_num(0.0, 0.0, 0.0)).long().chunk(2)
         width = integers_per_bin(lo, hi, max_bins)
         # one host sync for the grid's size and the finiteness check
-        widest, finite = torch.stack([torch.div(hi - lo, width, rounding_mode="floor").max(),
-                                      torch.isfinite(bounds).all().long()]).tolist()
+        widest, finite, alike = torch.stack([torch.div(hi - lo, width, rounding_mode="floor").max(),
+                                             torch.isfinite(bounds).all().long(),
+                                             torch.where((width == width[0]).all(), width[0], 0)]).tolist()
         if not finite:
             raise EPRError(DIVERGED)
         spare = GRID_MARGIN + 1  # bins below the lowest value; the noise needs half a bin of them
         origin = (lo - spare * width).to(dtype) - 1
-        return cls(origin, width, (widest + 2 * spare + 2) * resolution, resolution, max_bins)
+        return cls(origin, width, (widest + 2 * spare + 2) * resolution, resolution, max_bins, same_width=alike)
 
 
 class RateWorkspace:
@@ -437,7 +449,8 @@ class RateWorkspace:
         if state:
             self.grid = RateGrid(torch.tensor(state["origin"], dtype=torch.float32, device=device),
                                  torch.tensor(state["width"], dtype=torch.long, device=device), int(state["points"]),
-                                 int(state["resolution"]), int(state["max_bins"]), int(state["age"]))
+                                 int(state["resolution"]), int(state["max_bins"]), int(state["age"]),
+                                 state["width"][0] if len(set(state["width"])) == 1 else 0)
 
     def usable_grid(self, channels: int, resolution: int, max_bins: int, device: torch.device) -> RateGrid | None:
         g = self.grid
@@ -483,7 +496,7 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
                 grid = workspace.grid = RateGrid.spanning(tensors, step, shift, resolution, max_bins, dtype)
             # grid position of every noisy value, (z - shift) / step + noise - origin in grid spacings, placed tensor
             # by tensor with its groups' coefficients broadcast: z * a + b + noise * c
-            c = 1 / grid.h
+            c = grid.points_per_unit
             a, b = c / step, -(shift / step + grid.origin) * c
             layout.place(tensors, position, noise, a, b, c, workspace.buffer("small", layout.small_numel, dtype, device))
             low, high = torch.stack(position[:n].aminmax()).tolist()  # one host sync: do all lie on the grid?

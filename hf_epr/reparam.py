@@ -73,8 +73,8 @@ class DecodeBatch:
 
     def __init__(self, entries: list[CompressedTensor]):
         small = [e for e in entries if e.latent.numel() <= SMALL_TENSOR]
-        # tensors whose transforms are alike lie side by side: their rows go through one product
-        small.sort(key=lambda e: (e.kind.transform_key is not None, str(e.kind.transform_key)))
+        # kinds with shifts first (only they need one per element); tensors that transform alike side by side
+        small.sort(key=lambda e: (not e.kind.has_shift, e.kind.transform_key is not None, str(e.kind.transform_key)))
         self.entries = small if len(small) > 1 else []
         self._runs: list[list[CompressedTensor]] = []
         for e in self.entries:
@@ -85,17 +85,18 @@ class DecodeBatch:
         self._index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per latent element: where its log step and its shift lie in the decoders' parameters concatenated."""
+        """Per latent element: where its log step lies in the decoders' parameters concatenated; and its shift, for
+        the elements of kinds with shifts (first)."""
         key = str(device)
         if key not in self._index:
-            total = sum(e.decoder.params.numel() for e in self.entries)  # the trailing zero: no shift
             steps, shifts, start = [], [], 0
             for e in self.entries:
                 group, g = e.kind.group_index(device), e.kind.num_groups
                 steps.append(group + start)
-                shifts.append(group + start + g if e.kind.has_shift else torch.full_like(group, total))
+                if e.kind.has_shift:
+                    shifts.append(group + start + g)
                 start += e.decoder.params.numel()
-            self._index[key] = torch.cat(steps), torch.cat(shifts)
+            self._index[key] = torch.cat(steps), torch.cat(shifts) if shifts else steps[0].new_zeros(0)
         return self._index[key]
 
     def weights(self) -> list[tuple[CompressedTensor, torch.Tensor]]:

@@ -62,10 +62,11 @@ def dct_matrix(n: int) -> torch.Tensor:
     return torch.from_numpy(d.astype(np.float32))
 
 
-def _quantize(z: torch.Tensor, step: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+def _quantize(z: torch.Tensor, step: torch.Tensor, shift: torch.Tensor | None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """step * round((z - shift) / step) + shift, clamped like :func:`round_latent`: the float operations of
-    ``decode()``, in place on one temporary."""
-    x = (z - shift).div_(step) if shift is not None else z / step
+    ``decode()``, in place on one temporary (``out`` when given)."""
+    x = torch.sub(z, shift, out=out).div_(step) if shift is not None else torch.div(z, step, out=out)
     x = x.round_().clamp_(-MAX_LATENT, MAX_LATENT).mul_(step)
     return x.add_(shift) if shift is not None else x
 
@@ -101,16 +102,19 @@ class _QuantizeSTE(torch.autograd.Function):
 
 class _QuantizeTogether(torch.autograd.Function):
     """:class:`_QuantizeSTE` for several tensors in one operation: ``count`` latents, then their flat parameters.
-    ``step_index``/``shift_index`` give each latent element (all tensors' elements in order) the place of its log
-    step and of its shift in the parameters concatenated, plus one trailing zero (the shift of kinds without)."""
+    ``step_index`` gives each latent element (all tensors' elements in order) the place of its log step in the
+    parameters concatenated; ``shift_index`` that of its shift, for the leading elements whose kinds have shifts
+    (the tensors of kinds with shifts come first)."""
 
     @staticmethod
     def forward(ctx, step_index: torch.Tensor, shift_index: torch.Tensor, count: int,
-                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                *tensors: torch.Tensor) -> torch.Tensor:
         zs, params = tensors[:count], tensors[count:]
-        flat = torch.cat([*(p.reshape(-1) for p in params), params[0].new_zeros(1)])
+        flat = torch.cat([p.reshape(-1) for p in params])
         z = torch.cat([t.reshape(-1) for t in zs])
-        x = _quantize(z, flat.exp().index_select(0, step_index), flat.index_select(0, shift_index))
+        step, shifted, x = flat.exp().index_select(0, step_index), shift_index.numel(), torch.empty_like(z)
+        _quantize(z[:shifted], step[:shifted], flat.index_select(0, shift_index), out=x[:shifted])
+        _quantize(z[shifted:], step[shifted:], None, out=x[shifted:])
         ctx.save_for_backward(x - z, step_index)
         ctx.sizes, ctx.shapes = [p.numel() for p in params], [t.shape for t in zs]
         return x
@@ -118,9 +122,9 @@ class _QuantizeTogether(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         diff, step_index = ctx.saved_tensors
-        per_param = torch.bincount(step_index, grad * diff, minlength=sum(ctx.sizes) + 1)  # shifts get 0
+        per_param = torch.bincount(step_index, grad * diff, minlength=sum(ctx.sizes))  # shifts get 0
         grads = [g.view(shape) for g, shape in zip(grad.split([math.prod(s) for s in ctx.shapes]), ctx.shapes)]
-        return (None, None, None, *grads, *per_param[:-1].to(diff.dtype).split(ctx.sizes))
+        return (None, None, None, *grads, *per_param.to(diff.dtype).split(ctx.sizes))
 
 
 SMALL_TENSOR = 1 << 16  # tensors up to this many elements are handled together (decoding and the training rate)
