@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .format.decoders import SMALL_TENSOR, DecoderKind, round_latent
+from .format.decoders import DecoderKind, round_latent, small_tensor_limit
 from .format.errors import EPRError
 
 
@@ -117,14 +117,15 @@ class LatentTensor(NamedTuple):
 
 class RateLayout:
     """Where every latent tensor lies in the rate's flat buffers, and its channels and parameters. With ``batched``,
-    the small tensors (up to ``SMALL_TENSOR`` elements) come first, back to back, and are placed together with
+    the small tensors (up to :func:`small_tensor_limit` elements) come first, back to back, and are placed together with
     per-element gathers: a few operations whatever their number (a small tensor's cost is the fixed overhead of its
     operations). The large ones follow, each placed on its own with its groups' coefficients broadcast (no
     per-element index)."""
 
     def __init__(self, tensors: Sequence[LatentTensor], batched: bool = False):
         sizes = [t.z.numel() for t in tensors]
-        small = [i for i, n in enumerate(sizes) if n <= SMALL_TENSOR] if batched else []
+        limit = small_tensor_limit(tensors[0].z.device) if batched else -1
+        small = [i for i, n in enumerate(sizes) if n <= limit]
         self.small = small if len(small) > 1 else []
         self.large = [i for i in range(len(tensors)) if i not in set(self.small)]
         self.key = self.key_of(tensors)

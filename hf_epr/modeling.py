@@ -136,7 +136,7 @@ class EPRModel(PreTrainedModel):
         """Decode the small tensors together into the parametrizations' cache (which the caller has enabled), so
         that the forward finds them decoded. Skipped for sharded (FSDP) latents, each gathered by its own module."""
         cache = getattr(parametrize, "_cache", None)
-        batch = self.decode_batch.entries
+        batch = self.decode_batch.candidates
         if not batch or not isinstance(cache, dict) or type(batch[0].latent.data) is not torch.Tensor:
             return
         for entry, weight in self.decode_batch.weights():

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import EPRConfig
-from .format.decoders import DECODER_KINDS, SMALL_TENSOR, DecoderKind, quantize_together, weight_spread
+from .format.decoders import DECODER_KINDS, DecoderKind, quantize_together, small_tensor_limit, weight_spread
 
 
 class LatentDecoder(nn.Module):
@@ -68,45 +68,51 @@ class CompressedTensor:
 
 class DecodeBatch:
     """The small compressed tensors of a model, decoded together: one straight-through rounding over all their
-    latents per forward instead of one per tensor. A small tensor costs its operations' fixed overhead, not its
-    size, so a model of many small tensors (biases, norms, small kernels) spends most of its decoding time on it."""
+    latents per forward instead of one per tensor, and one transform per kind of transform. A small tensor costs
+    its operations' fixed overhead, not its size, so a model of many small tensors (biases, norms, small kernels)
+    spends most of its decoding time on it. What is small depends on the device (:func:`small_tensor_limit`)."""
 
     def __init__(self, entries: list[CompressedTensor]):
-        small = [e for e in entries if e.latent.numel() <= SMALL_TENSOR]
-        # kinds with shifts first (only they need one per element); tensors that transform alike side by side
-        small.sort(key=lambda e: (not e.kind.has_shift, e.kind.transform_key is not None, str(e.kind.transform_key)))
-        self.entries = small if len(small) > 1 else []
-        self._runs: list[list[CompressedTensor]] = []
-        for e in self.entries:
-            if self._runs and self._runs[-1][0].kind.transform_key == e.kind.transform_key:
-                self._runs[-1].append(e)
-            else:
-                self._runs.append([e])
-        self._index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.candidates = entries
+        self._plans: dict[str, tuple[list[list[CompressedTensor]], torch.Tensor, torch.Tensor] | None] = {}
 
-    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per latent element: where its log step lies in the decoders' parameters concatenated; and its shift, for
-        the elements of kinds with shifts (first)."""
+    def _plan(self, device: torch.device) -> tuple[list[list[CompressedTensor]], torch.Tensor, torch.Tensor] | None:
+        """The batched tensors on ``device`` in runs that transform alike, and per latent element where its log step
+        lies in the decoders' parameters concatenated, and its shift for the elements of kinds with shifts (first);
+        None when fewer than two tensors are small."""
         key = str(device)
-        if key not in self._index:
+        if key not in self._plans:
+            limit = small_tensor_limit(device)
+            small = [e for e in self.candidates if e.latent.numel() <= limit]
+            # kinds with shifts first (only they need one per element); tensors that transform alike side by side
+            small.sort(key=lambda e: (not e.kind.has_shift, e.kind.transform_key is not None,
+                                      str(e.kind.transform_key)))
+            runs: list[list[CompressedTensor]] = []
             steps, shifts, start = [], [], 0
-            for e in self.entries:
+            for e in small:
+                if runs and runs[-1][0].kind.transform_key == e.kind.transform_key:
+                    runs[-1].append(e)
+                else:
+                    runs.append([e])
                 group, g = e.kind.group_index(device), e.kind.num_groups
                 steps.append(group + start)
                 if e.kind.has_shift:
                     shifts.append(group + start + g)
                 start += e.decoder.params.numel()
-            self._index[key] = torch.cat(steps), torch.cat(shifts) if shifts else steps[0].new_zeros(0)
-        return self._index[key]
+            self._plans[key] = None if len(small) < 2 else (
+                runs, torch.cat(steps), torch.cat(shifts) if shifts else steps[0].new_zeros(0))
+        return self._plans[key]
 
     def weights(self) -> list[tuple[CompressedTensor, torch.Tensor]]:
         """Every batched tensor with its decoded weight (what its parametrization returns)."""
-        if not self.entries:
+        plan = self._plan(self.candidates[0].latent.device) if self.candidates else None
+        if plan is None:
             return []
-        zs = [e.latent for e in self.entries]
-        flat = quantize_together(zs, [e.decoder.params for e in self.entries], *self._indices(zs[0].device))
+        runs, step_index, shift_index = plan
+        batch = [e for run in runs for e in run]
+        flat = quantize_together([e.latent for e in batch], [e.decoder.params for e in batch], step_index, shift_index)
         weights, start = [], 0
-        for run in self._runs:  # consecutive entries that transform alike: one transform for all
+        for run in runs:  # consecutive entries that transform alike: one transform for all
             sizes = [e.latent.numel() for e in run]
             out = run[0].kind.transform_flat(flat[start: start + sum(sizes)])
             weights += [(e, w.view(e.kind.shape)) for e, w in zip(run, out.split(sizes))]

@@ -1,4 +1,5 @@
-"""Decoder kinds: the fused straight-through decoder, the DCT transform, and adding a kind."""
+"""Decoder kinds: the fused straight-through decoder (one tensor, or several together), the DCT transform, and
+adding a kind."""
 
 import numpy as np
 import pytest
@@ -6,8 +7,8 @@ import torch
 
 from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRFormatError, EPRModel
 from hf_epr.format import WEIGHTS_NAME, read_container
-from hf_epr.format.decoders import (DECODER_KINDS, AffineKind, DCTKind, DecoderKind, dct_matrix, decoder_for_entry,
-                                    register_decoder_kind, ste_round)
+from hf_epr.format.decoders import (DECODER_KINDS, AffineKind, DCTKind, DecoderKind, _QuantizeSTE, dct_matrix,
+                                    decoder_for_entry, quantize_together, register_decoder_kind, ste_round)
 from hf_epr.testing import tiny_inputs, tiny_model, train_a_few_steps
 
 
@@ -102,3 +103,33 @@ def test_decoding_a_files_groups_reuses_their_memory(kind):
     if kind.name == "dct":
         apart = [g.copy() for g in groups]
         assert torch.equal(kind.decode_groups(apart, params), expected)
+
+
+@pytest.mark.parametrize("kinds", ["dct only", "affine and dct"])
+def test_quantizing_tensors_together_equals_one_by_one(kinds):
+    """quantize_together (the forward's batched rounding) gives each tensor's own fused rounding, values and
+    gradients, whether or not some kinds have shifts."""
+    torch.manual_seed(0)
+    specs = [DCTKind((6, 4, 3, 3), [0, 1, 1, 1, 2, 2, 2, 2, 2]), DCTKind((5, 5, 3, 3), [0, 0, 0, 0, 1, 1, 1, 1, 1])]
+    if kinds == "affine and dct":
+        specs = [AffineKind((30,)), AffineKind((7, 9))] + specs
+    zs = [(torch.randn(k.shape) * 0.1).requires_grad_() for k in specs]
+    params = [k.initial_params(z.detach(), 1 / 16).requires_grad_() for k, z in zip(specs, zs)]
+    steps, shifts, start = [], [], 0
+    for k, p in zip(specs, params):
+        group = k.group_index()
+        steps.append(group + start)
+        if k.has_shift:
+            shifts.append(group + start + k.num_groups)
+        start += p.numel()
+    no_shift = torch.zeros(0, dtype=torch.long)
+    flat = quantize_together(zs, params, torch.cat(steps), torch.cat(shifts) if shifts else no_shift)
+    weights = torch.linspace(-1, 1, flat.numel())
+    (flat * weights).sum().backward()
+    together = [t.grad.clone() for t in zs + params]
+    for t in zs + params:
+        t.grad = None
+    one_by_one = torch.cat([_QuantizeSTE.apply(z, p, k).reshape(-1) for k, z, p in zip(specs, zs, params)])
+    (one_by_one * weights).sum().backward()
+    assert torch.equal(flat.detach(), one_by_one.detach())
+    assert all(torch.allclose(a, t.grad, rtol=1e-5, atol=1e-7) for a, t in zip(together, zs + params))

@@ -5,6 +5,7 @@ import torch
 
 from hf_epr import EPRConfig, EPRModel, entropy
 from hf_epr.entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram, noise_rate
+from hf_epr.format import decoders
 from hf_epr.format.decoders import AffineKind, DCTKind
 from hf_epr.testing import tiny_model
 
@@ -177,7 +178,7 @@ def test_small_tensors_placed_together_give_the_rate_of_tensors_placed_one_by_on
 
     results = []
     for small in (sizes[len(sizes) // 2], 0):  # half the tensors together, then none
-        monkeypatch.setattr(entropy, "SMALL_TENSOR", small)
+        monkeypatch.setattr(decoders, "SMALL_TENSOR", small)
         workspace = FixedNoise()
         model.zero_grad(set_to_none=True)
         rate = noise_rate(model.density, tensors, workspace=workspace)

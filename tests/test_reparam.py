@@ -26,12 +26,12 @@ def test_small_tensors_decoded_together_equal_one_by_one(family):
     """The forward's batched decode (one quantization for the small tensors, one product per kind of transform)
     gives the weights of each tensor's own decoder, and the same gradients."""
     model = EPRModel.from_base(tiny_model(family), EPRConfig(init_step_ratio=0.05)).train()
-    assert len(model.decode_batch.entries) > 1
+    assert len(model.decode_batch.weights()) > 1
     x = tiny_inputs(family)
-    batch = model.decode_batch.entries
+    batch = model.decode_batch.candidates
     results = []
     for together in (True, False):
-        model.decode_batch.entries = batch if together else []
+        model.decode_batch.candidates = batch if together else []
         model.zero_grad(set_to_none=True)
         logits = model(pixel_values=x).logits
         (logits * torch.linspace(-1, 1, logits.numel()).view(logits.shape)).sum().backward()

@@ -127,7 +127,13 @@ class _QuantizeTogether(torch.autograd.Function):
         return (None, None, None, *grads, *per_param.to(diff.dtype).split(ctx.sizes))
 
 
-SMALL_TENSOR = 1 << 16  # tensors up to this many elements are handled together (decoding and the training rate)
+SMALL_TENSOR = 1 << 16  # on the CPU, tensors up to this many elements are handled together (decoding, training rate)
+SMALL_TENSOR_ACCELERATOR = 1 << 20  # on a GPU, where every operation is a kernel launch (not tuned: no GPU run yet)
+
+
+def small_tensor_limit(device: torch.device) -> int:
+    """Tensors up to this many elements are decoded, and placed by the training rate, together on ``device``."""
+    return SMALL_TENSOR if torch.device(device).type == "cpu" else SMALL_TENSOR_ACCELERATOR
 
 
 def quantize_together(zs: list[torch.Tensor], params: list[torch.Tensor], step_index: torch.Tensor,
