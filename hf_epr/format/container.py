@@ -50,8 +50,8 @@ MAX_META_BYTES = 1 << 26  # 64 MiB of JSON
 MAX_FILE_BYTES = 1 << 36  # 64 GiB
 MAX_TENSOR_NUMEL = 1 << 32
 MAX_TOTAL_NUMEL = 1 << 34
-STREAM_SYMBOLS = 1 << 22  # about 0.1 s of decoding: files with more symbols get one stream per this many
-MAX_STREAMS = 16
+STREAM_SYMBOLS = 1 << 20  # about 30 ms of decoding: files with more symbols get one stream per this many
+MAX_STREAMS = 64  # enough to keep many cores busy and two cores evenly loaded (streams are cut between groups)
 RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
               "uint8": np.uint8}
 _DIGEST_RE = re.compile(rb'"epr_sha256":"([0-9a-f]{64})"')
