@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -26,11 +27,17 @@ def integers_per_bin(lo: torch.Tensor, hi: torch.Tensor, max_bins: int) -> torch
     return torch.div(hi - lo + max_bins, max_bins, rounding_mode="floor")
 
 
-def window_bits(density: "FactorizedDensity", edges: torch.Tensor, count: int, r: int) -> torch.Tensor:
-    """(C, count) bits of windows that share their edges: window i spans ``edges[:, i]`` to ``edges[:, i + r]``
-    (``count + r`` edges per channel): one CDF evaluation per edge."""
+def bin_window_bits(density: "FactorizedDensity", first: torch.Tensor, h: torch.Tensor, width: torch.Tensor,
+                    count: int, r: int) -> torch.Tensor:
+    """(C, count) bits of a window one bin wide centred on each of ``count`` points per channel, ``first + j * h``
+    (``r`` points per bin of ``width`` integers): ``-log2 P(window) + log2 width``, i.e. one integer's window in
+    channels of unit bins, the density averaged over the bin in wider ones. Neighbouring windows share their edges:
+    one CDF evaluation per point."""
+    j = torch.arange(count + r, dtype=first.dtype, device=first.device) - r / 2
+    edges = (first.unsqueeze(1) + j.unsqueeze(0) * h.unsqueeze(1)).to(density.matrices[0].dtype)
     c = density.cdf_logits(edges)
-    return -density.log_prob_from_logits(c[:, :count], c[:, r: r + count]) / LN2
+    bits = -density.log_prob_from_logits(c[:, :count], c[:, r: r + count]) / LN2
+    return bits + torch.log2(width.to(bits.dtype)).unsqueeze(1)
 
 
 def _pass_through_max(x: torch.Tensor, bound: float) -> torch.Tensor:
@@ -294,13 +301,8 @@ def cell_bits(density: FactorizedDensity, hist: LatentHistogram, smooth: bool = 
     bin-wide window at the cell's center; with ``smooth``, averaged over a unit window around the center (the
     expected bits under the uniform-noise relaxation u + U(-1/2, 1/2)) in channels of unit bins."""
     r, k = hist.resolution, hist.cells
-    if hist.unit_bins:  # windows [center - 1/2, center + 1/2] share their edges: one CDF evaluation per edge
-        j = torch.arange(k + r, dtype=torch.float64, device=hist.origin.device) + 0.5
-        bits = window_bits(density, (hist.origin[:, None] - 0.5 + j[None, :] / r).float(), k, r)
-    else:
-        half = (hist.width / 2)[:, None].float()
-        centers = hist.centers()
-        bits = -density.log_prob_between(centers - half, centers + half) / LN2 + torch.log2(2 * half)
+    h = hist.width / r  # cell width; cell centers from origin + h / 2
+    bits = bin_window_bits(density, hist.origin + h / 2, h, hist.width, k, r)
     if not smooth or r == 1:  # one cell per integer: the unit window's average is its center's value
         return bits
     # trapezoid average over the r + 1 cells whose centers span one integer: (b[-r/2]/2 + b[1-r/2] + ... + b[r/2]/2) / r
@@ -357,16 +359,17 @@ class RateGrid:
     resolution: int
     max_bins: int
     age: int = 0
-    same_width: int = 0  # the width of every channel's bins when they are all alike, else 0
 
     @property
     def h(self) -> torch.Tensor:
         return self.width.to(self.origin.dtype) / self.resolution
 
-    @property
+    @functools.cached_property
     def points_per_unit(self) -> torch.Tensor | float:
-        """1 / h: per channel, or one number when every channel's bins are alike (no per-channel broadcast)."""
-        return self.resolution / self.same_width if self.same_width else 1 / self.h
+        """1 / h: per channel, or one number when every channel's bins are alike (no per-channel broadcast; one host
+        sync per grid to find out)."""
+        same = int(torch.where((self.width == self.width[0]).all(), self.width[0], 0))
+        return self.resolution / same if same else 1 / self.h
 
     @classmethod
     @torch.no_grad()
@@ -377,14 +380,13 @@ class RateGrid:
         lo, hi = torch.round(bounds.nan_to_num(0.0, 0.0, 0.0)).long().chunk(2)
         width = integers_per_bin(lo, hi, max_bins)
         # one host sync for the grid's size and the finiteness check
-        widest, finite, alike = torch.stack([torch.div(hi - lo, width, rounding_mode="floor").max(),
-                                             torch.isfinite(bounds).all().long(),
-                                             torch.where((width == width[0]).all(), width[0], 0)]).tolist()
+        widest, finite = torch.stack([torch.div(hi - lo, width, rounding_mode="floor").max(),
+                                      torch.isfinite(bounds).all().long()]).tolist()
         if not finite:
             raise EPRError(DIVERGED)
         spare = GRID_MARGIN + 1  # bins below the lowest value; the noise needs half a bin of them
         origin = (lo - spare * width).to(dtype) - 1
-        return cls(origin, width, (widest + 2 * spare + 2) * resolution, resolution, max_bins, same_width=alike)
+        return cls(origin, width, (widest + 2 * spare + 2) * resolution, resolution, max_bins)
 
 
 class RateWorkspace:
@@ -450,8 +452,7 @@ class RateWorkspace:
         if state:
             self.grid = RateGrid(torch.tensor(state["origin"], dtype=torch.float32, device=device),
                                  torch.tensor(state["width"], dtype=torch.long, device=device), int(state["points"]),
-                                 int(state["resolution"]), int(state["max_bins"]), int(state["age"]),
-                                 state["width"][0] if len(set(state["width"])) == 1 else 0)
+                                 int(state["resolution"]), int(state["max_bins"]), int(state["age"]))
 
     def usable_grid(self, channels: int, resolution: int, max_bins: int, device: torch.device) -> RateGrid | None:
         g = self.grid
@@ -522,11 +523,7 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         count, frac, drawn = (torch.bincount(sample[0], w, minlength=cells + 1)[:cells].to(dtype).view(channels, -1)
                               * stride for w in (None, sample[1], sample[2]))
     h, origin = grid.h, grid.origin
-    # each point's window is one bin wide: one integer in channels of unit bins; in wider channels, smooth at the
-    # scale of one integer, the density averaged over the bin. Neighbouring windows share their edges.
-    k = torch.arange(points + resolution, dtype=dtype, device=device) - resolution / 2
-    edges = origin.unsqueeze(1) + k.unsqueeze(0) * h.unsqueeze(1)
-    f = window_bits(density, edges, points, resolution) + torch.log2(grid.width.to(dtype)).unsqueeze(1)
+    f = bin_window_bits(density, origin, h, grid.width, points, resolution)  # wide bins: smooth at one integer
     with torch.no_grad():
         weight = count - frac  # linear interpolation: (1 - w) to the point below, w to the point above
         weight[:, 1:] += frac[:, :-1]

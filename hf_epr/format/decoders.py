@@ -264,7 +264,7 @@ class DecoderKind:
     def decode_groups(self, groups: list[np.ndarray], params: torch.Tensor) -> torch.Tensor:
         """Weights from the decoded coding groups (int32 arrays that the caller no longer needs: a kind may
         reuse their memory)."""
-        return self.decode(torch.from_numpy(self.join(groups)), params)
+        return self.decode(self.integers(groups), params)
 
     def units(self, z: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Latents in integer units, before rounding: (z - shift) / step."""
@@ -469,7 +469,7 @@ class DCTKind(DecoderKind):
         region = _back_to_back(groups, self.numel)
         if region is None:
             return super().decode_groups(groups, params)
-        x = torch.from_numpy(self.join(groups))  # reads every group before the region is written
+        x = self.integers(groups)  # reads every group before the region is written
         x.mul_(self.group_view(torch.exp(self.params_split(params)[0])))  # the float32 operations of decode()
         weights = torch.from_numpy(region.view(np.float32)).view(self.shape)
         kh, kw = self.shape[2:]
