@@ -4,7 +4,8 @@ size under the stored tables, per architecture family.
     python benchmarks/core_codec.py            # full: ResNets of ~1 M, ~5 M, ResNet-50 (25 M), ViT-B/16 (86 M)
     python benchmarks/core_codec.py --quick    # smoke run (small models only)
 
-Each load runs in a fresh subprocess (so peak RSS is that load's own). Models are randomly initialised and
+Each load runs in a fresh subprocess (so peak RSS is that load's own); ``uncompiled_load_s`` is the same plain load
+without hf_epr's compiled decoder (``HF_EPR_NATIVE=0``: constriction and NumPy, as where no C compiler built it). Models are randomly initialised and
 wrapped, for two kinds of file: "trained-like" with a coarse step (``init_step_ratio=0.25``, about 4 bits per
 parameter, the entropy of a model after EPR training, entropy coded) and "escape-heavy" with the default fine
 step (about 13 bits per parameter over ranges wider than a table, as right after wrapping: bit-packed).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import subprocess
@@ -73,11 +75,12 @@ print(json.dumps({"load_s": t_load, "entropy_decode_s": t_decode, "symbols": n,
 """
 
 
-def measure_load(kind: str, folder: str, repeats: int) -> dict:
-    """Best-of-``repeats`` load in fresh interpreters."""
-    runs = []
+def measure_load(kind: str, folder: str, repeats: int, compiled: bool = True) -> dict:
+    """Best-of-``repeats`` load in fresh interpreters (``compiled=False``: without hf_epr's compiled decoder)."""
+    runs, env = [], {**os.environ, "HF_EPR_NATIVE": "1" if compiled else "0"}
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", LOAD, kind, folder], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", LOAD, kind, folder], capture_output=True, text=True, check=True,
+                             env=env)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return min(runs, key=lambda r: r["load_s"])
 
@@ -98,8 +101,11 @@ def speed_rows(names: list[str], files: list[str], repeats: int) -> list[dict]:
                 model.save_pretrained(epr_dir)
                 del model
                 EPRCompressedForImageClassification.from_pretrained(epr_dir).save_pretrained(fp32_dir)
+                gc.collect()
+                os.sync()  # nothing left to write back while the loads are timed
                 epr, fp32 = measure_load("epr", epr_dir, repeats), measure_load("fp32", fp32_dir, repeats)
-                wrapper = measure_load("wrapper", epr_dir, 1)
+                wrapper = measure_load("wrapper", epr_dir, repeats)
+                uncompiled = measure_load("epr", epr_dir, 1, compiled=False)
                 report = file_size_report(epr_dir)
                 fp32_bytes = os.path.getsize(os.path.join(fp32_dir, "model.safetensors"))
                 rows.append({
@@ -108,6 +114,7 @@ def speed_rows(names: list[str], files: list[str], repeats: int) -> list[dict]:
                     "epr_file_over_ideal": report["file_over_ideal"],
                     "epr_load_s": epr["load_s"], "fp32_load_s": fp32["load_s"],
                     "load_ratio": epr["load_s"] / fp32["load_s"],
+                    "uncompiled_load_s": uncompiled["load_s"],
                     "wrapper_load_s": wrapper["load_s"], "wrapper_over_plain": wrapper["load_s"] / epr["load_s"],
                     "decode_Msymbols_per_s": epr["symbols"] / 1e6 / epr["entropy_decode_s"],
                     "epr_rss_over_imports_MB": epr["rss_over_imports_mb"],
@@ -146,7 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     names = ["resnet-1M"] if args.quick else list(MODELS)
     print(f"decode speed (fresh process per load, best of runs; {os.cpu_count()} CPUs):", flush=True)
-    speed = speed_rows(names, list(FILES), repeats=1 if args.quick else 2)
+    speed = speed_rows(names, list(FILES), repeats=1 if args.quick else 3)
     ideal = ideal_rows(steps=2 if args.quick else 10)
     text = ("## from_pretrained: compressed vs fp32 safetensors\n\n" + markdown_table(speed)
             + "\n\n## coded size vs ideal under the stored tables\n\n" + markdown_table(ideal) + "\n")

@@ -1,10 +1,12 @@
 """Decoding a container's latents: several streams and packed groups shared out among processes."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
 
+import hf_epr.format.coders as coders
 import hf_epr.format.container as container
 import hf_epr.format.latents as latents_module
 from hf_epr import EPRError, EPRFormatError
@@ -15,7 +17,12 @@ from hf_epr.testing import small_container
 
 
 
-def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch, compiled):
+    if compiled and coders.native() is None:
+        pytest.skip("the compiled decoder was not built")
+    if not compiled:
+        monkeypatch.setattr(coders, "_native", None)  # constriction in forked processes
     c = small_container()
     peaked = np.round(np.random.default_rng(1).laplace(0, 1.0, 210)).astype(np.int32)
     uniform = np.random.default_rng(2).integers(-500, 500, 3000).astype(np.int32)  # stored bit-packed
@@ -30,16 +37,17 @@ def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch):
         latents = decode_latents(meta, arrays, processes=processes)
         assert all(np.array_equal(a, g.values) for a, g in zip(latents, c.groups))
 
-    parent = os.getpid()
-    real = latents_module._decode_stream
+    parent, main = os.getpid(), threading.get_ident()
+    name = "_stream_spec" if compiled else "_decode_stream"  # what a worker thread / a child process calls
+    real = getattr(latents_module, name)
 
-    def fails_in_child(*args):
-        if os.getpid() != parent:
+    def fails_in_worker(*args):
+        if os.getpid() != parent or threading.get_ident() != main:
             raise RuntimeError("boom")
         return real(*args)
 
-    monkeypatch.setattr(latents_module, "_decode_stream", fails_in_child)
-    with pytest.raises(EPRFormatError, match="decoding process failed"):
+    monkeypatch.setattr(latents_module, name, fails_in_worker)
+    with pytest.raises(EPRFormatError, match="boom" if compiled else "decoding process failed"):
         decode_latents(meta, arrays, processes=2)
     monkeypatch.setenv("HF_EPR_DECODE_PROCESSES", "two")
     with pytest.raises(EPRError, match="HF_EPR_DECODE_PROCESSES"):

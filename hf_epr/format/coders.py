@@ -10,11 +10,28 @@ stores the tables; decoding reads them and never recomputes probabilities from f
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
 from .errors import EPRFormatError
+
+try:  # the compiled loops built with hf_epr (optional: constriction and NumPy decode the same values, slower)
+    from . import _native
+except ImportError:
+    try:  # this module running as a repo's remote code beside an installed hf_epr
+        from hf_epr.format import _native
+    except ImportError:
+        _native = None
+if os.environ.get("HF_EPR_NATIVE") == "0":  # to compare, or to rule the compiled loops out
+    _native = None
+
+
+def native():
+    """The compiled decoding loops (``_native.c``, built by ``pip install``), or None where they were not built
+    or ``HF_EPR_NATIVE=0``."""
+    return _native
 
 
 def categorical(counts: np.ndarray, precision: int | None = None):
@@ -28,10 +45,15 @@ def categorical(counts: np.ndarray, precision: int | None = None):
 
 class Coder(NamedTuple):
     """encode(groups, precision) -> uint32 words, for groups of (symbols, counts) in decoding order;
-    decode(words, tables, precision) -> one int32 symbol array per (counts, n_symbols) table, in order."""
+    decode(words, tables, precision) -> one int32 symbol array per (counts, n_symbols) table, in order;
+    decode_into, where :func:`native` has it: decode_into(streams, counts, escapes, out), for (words, groups) streams,
+    writes each group (an int64 row: table offset in ``counts``, symbols, count, offset in ``out``, lo, first and
+    end escape in ``escapes``, or -1 and -1 for table indices) straight into ``out``, without the GIL; ValueError
+    for a corrupt stream."""
 
     encode: Callable[[list[tuple[np.ndarray, np.ndarray]], int], np.ndarray]
     decode: Callable[[np.ndarray, Iterable[tuple[np.ndarray, int]], int], Iterator[np.ndarray]]
+    decode_into: Callable[[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray, np.ndarray], None] | None = None
 
 
 def _ans_encode(groups: list[tuple[np.ndarray, np.ndarray]], precision: int) -> np.ndarray:
@@ -67,9 +89,14 @@ def _stream_decoder(kind: str, cls: str) -> Callable[..., Iterator[np.ndarray]]:
     return decode
 
 
+def _ans_decode_into(streams: list[tuple[np.ndarray, np.ndarray]], counts: np.ndarray, escapes: np.ndarray,
+                     out: np.ndarray) -> None:
+    native().ans_decode(streams, counts, escapes, out)
+
+
 ANS = "constriction.stream.stack.AnsCoder/Categorical(perfect=False)"
 CODERS: dict[str, Coder] = {
-    ANS: Coder(_ans_encode, _stream_decoder("stack", "AnsCoder")),  # written since format version 2
+    ANS: Coder(_ans_encode, _stream_decoder("stack", "AnsCoder"), _ans_decode_into),  # since format version 2
     "constriction.stream.queue.RangeEncoder/Categorical(perfect=False)":  # format version 1
         Coder(_range_encode, _stream_decoder("queue", "RangeDecoder")),
 }
@@ -208,16 +235,21 @@ def pack_bits(values: np.ndarray, lo: int, width: int) -> np.ndarray:
 
 def unpack_bits(data: np.ndarray, bit_offset: int, width: int, count: int, out: np.ndarray, lo: int) -> None:
     """Write ``count`` ``width``-bit integers starting at ``bit_offset`` of ``data`` (uint8), plus ``lo``, into
-    ``out``. Values i, i + 8, i + 16, ... start at the same bit within bytes ``width`` apart, so each of the 8
-    phases is one strided (unaligned) uint64 read, a shift and a mask: a few passes in all. ``data`` must hold 8
-    readable bytes past the last value (the writer pads)."""
+    ``out`` (int32). Compiled where built (one pass, without the GIL); else values i, i + 8, i + 16, ... start at
+    the same bit within bytes ``width`` apart, so each of the 8 phases is one strided (unaligned) uint64 read, a
+    shift and a mask. ``data`` must hold 8 readable bytes past the last value (the writer pads)."""
     if width == 0 or count == 0:
         out[:count] = lo
         return
     if bit_offset % 8:
         raise EPRFormatError("packed groups start on a byte")
-    mask, base = np.uint64((1 << width) - 1), bit_offset // 8
     buffer = np.ascontiguousarray(data, np.uint8)
+    if native() is not None and out.dtype == np.int32 and out.flags.c_contiguous and -2**31 <= lo < 2**31:
+        try:
+            return native().unpack_bits(buffer, bit_offset, width, lo, out[:count])
+        except ValueError as err:
+            raise EPRFormatError(str(err)) from None
+    mask, base = np.uint64((1 << width) - 1), bit_offset // 8
     for phase in range(min(8, count)):
         n = (count - phase + 7) // 8
         start = base + phase * width // 8

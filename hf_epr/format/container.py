@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import tempfile
@@ -50,7 +51,7 @@ MAX_META_BYTES = 1 << 26  # 64 MiB of JSON
 MAX_FILE_BYTES = 1 << 36  # 64 GiB
 MAX_TENSOR_NUMEL = 1 << 32
 MAX_TOTAL_NUMEL = 1 << 34
-STREAM_SYMBOLS = 1 << 20  # about 30 ms of decoding: files with more symbols get one stream per this many
+STREAM_SYMBOLS = 1 << 20  # 4-30 ms of decoding (compiled / constriction): larger files get one stream per this many
 MAX_STREAMS = 64  # enough to keep many cores busy and two cores evenly loaded (streams are cut between groups)
 RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
               "uint8": np.uint8}
@@ -511,8 +512,9 @@ def _header_length(data: bytes) -> int:
     return n
 
 
-def parse_container(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Check a container's bytes and return (description, arrays). Raises :class:`EPRFormatError`."""
+def parse_container(data: bytes | mmap.mmap) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Check a container's bytes and return (description, arrays, viewing ``data`` where they can). Raises
+    :class:`EPRFormatError`."""
     if len(data) > MAX_FILE_BYTES:
         raise EPRFormatError(f"the file is {len(data)} bytes, more than the {MAX_FILE_BYTES} this reader accepts")
     n = _header_length(data)
@@ -527,12 +529,13 @@ def parse_container(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]
                 or data[8 + n: 8 + n + len(MAGIC)] != MAGIC or size < len(MAGIC) + CHECKSUM_BYTES:
             raise EPRFormatError("the file's header does not describe one hf_epr 'epr' byte tensor filling the file")
         start, end = 8 + n + len(MAGIC), 8 + n + len(MAGIC) + CHECKSUM_BYTES
-        crc = zlib.crc32(data[end:], zlib.crc32(bytes(CHECKSUM_BYTES), zlib.crc32(data[:start])))
+        crc = zlib.crc32(memoryview(data)[end:], zlib.crc32(bytes(CHECKSUM_BYTES), zlib.crc32(data[:start])))
         if crc.to_bytes(CHECKSUM_BYTES, "little") != data[start: end]:
             raise EPRFormatError("checksum mismatch: the file is corrupt (a byte changed or it was truncated); "
                                  "download or save it again")
         meta, arrays = _parse_v3(memoryview(data)[end:])
     else:  # versions 1 and 2
+        data = bytes(data)
         if digest_of(data) != stored:
             raise EPRFormatError("checksum mismatch: the file is corrupt (a byte changed or it was truncated); "
                                  "download or save it again")
@@ -580,8 +583,8 @@ def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, n
     size = os.path.getsize(path)
     if size > MAX_FILE_BYTES:
         raise EPRFormatError(f"{path} is {size} bytes, more than the {MAX_FILE_BYTES} this reader accepts")
-    with open(path, "rb") as f:
-        return parse_container(f.read())
+    with open(path, "rb") as f:  # mapped, not copied: the arrays view the file's cached pages
+        return parse_container(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b"")
 
 
 def _need(cond: bool, what: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 
+from .coders import native
 from .errors import EPRFormatError
 
 MAX_LATENT = float(1 << 30)  # rounded latents are clamped to +-2**30 so they fit int32
@@ -365,10 +366,13 @@ class AffineKind(DecoderKind):
         """In place: the int32 values become the float32 weights in the same memory (no copy of the tensor)."""
         values = groups[0]
         weights = values.view(np.float32)
-        np.copyto(weights, values, casting="unsafe")  # element by element, so in place is safe
         step, shift = torch.exp(params[:1]).numpy()[0], params[1:2].numpy()[0]
-        np.multiply(weights, step, out=weights)  # the same float32 operations as decode()
-        np.add(weights, shift, out=weights)
+        if native() is not None and values.flags.c_contiguous:  # one compiled pass
+            native().affine_in_place(values, float(step), float(shift))
+        else:
+            np.copyto(weights, values, casting="unsafe")  # element by element, so in place is safe
+            np.multiply(weights, step, out=weights)  # the same float32 operations as decode()
+            np.add(weights, shift, out=weights)
         return torch.from_numpy(weights).view(self.shape)
 
 

@@ -9,7 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from .coders import coder, table_counts, unpack_bits
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+from .coders import coder, native, table_counts, unpack_bits
 from .errors import EPRError, EPRFormatError
 
 
@@ -24,16 +27,26 @@ def stream_plan(meta: dict[str, Any], n_words: int) -> list[tuple[int, int, int,
     return plan
 
 
+def _stream_spec(meta: dict[str, Any], groups: list[int], starts: np.ndarray,
+                 bounds: np.ndarray | None) -> np.ndarray:
+    """The compiled decoder's rows for the entropy-coded ``groups`` of one stream (see :class:`.coders.Coder`)."""
+    return np.array([[off, n_sym, count, starts[i], lo] + ([bounds[i], bounds[i + 1]] if bounds is not None
+                                                           else [-1, -1])
+                     for i, (lo, n_sym, off, count, _) in ((i, meta["groups"][i]) for i in groups)],
+                    np.int64).reshape(-1, 7)
+
+
 def _decode_stream(meta: dict[str, Any], words: np.ndarray, counts: np.ndarray, groups: list[int],
-                   starts: np.ndarray, out: np.ndarray, escapes: dict[int, np.ndarray] | None) -> None:
-    """Decode the entropy-coded ``groups`` of one stream into ``out`` at each group's start: their values when
-    ``escapes`` gives each group's escaped values (version 3), else their table indices."""
-    tables = [(counts[off: off + n_sym], count) for _, n_sym, off, count, _ in (meta["groups"][i] for i in groups)]
-    decoded = coder(meta.get("coder")).decode(words, tables, meta["precision"])
-    for i, symbols in zip(groups, decoded):
+                   starts: np.ndarray, out: np.ndarray, escapes: np.ndarray, bounds: np.ndarray | None) -> None:
+    """Decode the entropy-coded ``groups`` of one stream into ``out`` at each group's start (with constriction):
+    their values when ``bounds`` gives each group's escaped values in ``escapes`` (version 3), else their table
+    indices."""
+    rows = [meta["groups"][i] for i in groups]
+    tables = [(counts[off: off + n_sym], count) for _, n_sym, off, count, _ in rows]
+    for i, symbols in zip(groups, coder(meta.get("coder")).decode(words, tables, meta["precision"])):
         target = out[starts[i]: starts[i] + symbols.size]
-        if escapes is not None:
-            _to_values(target, meta["groups"][i], escapes[i], symbols)
+        if bounds is not None:
+            _to_values(target, meta["groups"][i], escapes[bounds[i]: bounds[i + 1]], symbols)
         else:
             target[:] = symbols
 
@@ -51,10 +64,11 @@ def _to_values(target: np.ndarray, group: list[int], escaped: np.ndarray, symbol
 
 
 def decode_processes() -> int:
-    """Processes that decode a multi-stream file: ``$HF_EPR_DECODE_PROCESSES``, else the CPUs this process may
-    use (1 where ``os.fork`` does not exist). constriction holds the GIL while it decodes, so threads would not
-    help; forked children write into shared memory (nothing is pickled)."""
-    if not hasattr(os, "fork"):
+    """Workers that decode a multi-stream file: ``$HF_EPR_DECODE_PROCESSES``, else the CPUs this process may
+    use. The compiled decoder releases the GIL, so they are threads; constriction holds it, so without the compiled
+    decoder they are forked processes writing into shared memory (nothing is pickled; one where ``os.fork`` does
+    not exist)."""
+    if not (hasattr(os, "fork") or native() is not None):
         return 1
     value = os.environ.get("HF_EPR_DECODE_PROCESSES")
     if value:
@@ -67,11 +81,13 @@ def decode_processes() -> int:
 def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
                    processes: int | None = None) -> list[np.ndarray]:
     """Decode every group's integer latents (int32), in group order. The streams and the packed groups of a file
-    are decoded by up to ``processes`` processes at once (default: :func:`decode_processes`), each writing final
-    values (escapes included, for version 3 files) into one shared buffer."""
+    are decoded by up to ``processes`` workers at once (default: :func:`decode_processes`), each writing final
+    values (escapes included, for version 3 files) into one buffer."""
     precision, groups = meta["precision"], meta["groups"]
     coder(meta.get("coder"))  # an unknown coder is a format error, before any work
     counts = table_counts(arrays["tables"])
+    decode_into = coder(meta.get("coder")).decode_into
+    threads = native() is not None and decode_into is not None
     for lo, n_sym, off, count, mode in groups:
         table, total = counts[off: off + n_sym], int(counts[off: off + n_sym].sum())
         if mode == 0 and count and (total & (total - 1) or total > (1 << precision) or table.min() == 0):
@@ -80,10 +96,9 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     starts = np.concatenate([[0], np.cumsum(sizes)])
     total = int(starts[-1])
     coded = [i for i, g in enumerate(groups) if g[4] == 0]
-    escapes = None
-    if "group_escapes" in meta:  # version 3: every group knows its escapes, so the workers finish the values
-        bounds = np.concatenate([[0], np.cumsum(meta["group_escapes"])])
-        escapes = {i: arrays["escapes"][bounds[i]: bounds[i + 1]] for i in coded}
+    bounds = None  # version 3: every group knows its escapes (these offsets), so the workers finish the values
+    if "group_escapes" in meta:
+        bounds = np.concatenate([[0], np.cumsum(meta["group_escapes"], dtype=np.int64)])
     # (work, what, job): a stream's work is its symbols; unpacking costs about an eighth as much per value
     jobs = [(sum(groups[coded[g]][3] for g in range(g0, g1)), "stream", (w0, w1, [coded[g] for g in range(g0, g1)]))
             for w0, w1, g0, g1 in stream_plan({**meta, "groups": coded}, arrays["coded"].size)]
@@ -96,31 +111,49 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
         shares[k].append(job)
         loads[k] += job[0]
     # with several processes: an anonymous shared mapping (freed with the last array that views it)
-    shared = mmap.mmap(-1, max(4 * total, 1)) if processes > 1 else None
+    shared = mmap.mmap(-1, max(4 * total, 1)) if processes > 1 and not threads else None
+    if threads and hasattr(mmap, "MAP_POPULATE"):  # faulted in at once (faster, and not by racing threads)
+        shared = mmap.mmap(-1, max(4 * total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
     out = np.frombuffer(shared, np.int32, total) if shared is not None else np.empty(total, np.int32)
+    escapes = np.ascontiguousarray(arrays["escapes"], np.int32)
 
     def run(share: list) -> None:
+        streams = [job for _, what, job in share if what == "stream"]
+        if threads:  # all of this worker's streams in one call, two at a time
+            try:
+                decode_into([(np.ascontiguousarray(arrays["coded"][w0:w1], np.uint32),
+                              _stream_spec(meta, ids, starts, bounds)) for w0, w1, ids in streams],
+                            counts, escapes, out)
+            except ValueError as err:
+                raise EPRFormatError(f"the coded stream is corrupt: {err}") from None
+        else:
+            for w0, w1, ids in streams:
+                _decode_stream(meta, arrays["coded"][w0:w1], counts, ids, starts, out, escapes, bounds)
         for _, what, job in share:
-            if what == "stream":
-                w0, w1, ids = job
-                _decode_stream(meta, arrays["coded"][w0:w1], counts, ids, starts, out, escapes)
-            else:
+            if what == "packed":
                 lo, width, bit, count, _ = groups[job]
                 unpack_bits(arrays["packed"], bit, width, count, out[starts[job]: starts[job] + count], lo)
 
     children = []
     try:
-        for k in range(1, processes):
-            pid = os.fork()
-            if pid == 0:  # child: decode its share into the shared buffer, then leave at once
-                code = 1
-                try:
-                    run(shares[k])
-                    code = 0
-                finally:
-                    os._exit(code)
-            children.append(pid)
-        run(shares[0])
+        if threads:  # the compiled loops release the GIL
+            with ThreadPoolExecutor(processes - 1) if processes > 1 else nullcontext() as pool:
+                others = [pool.submit(run, share) for share in shares[1:]]
+                run(shares[0])
+                for other in others:
+                    other.result()
+        else:
+            for k in range(1, processes):
+                pid = os.fork()
+                if pid == 0:  # child: decode its share into the shared buffer, then leave at once
+                    code = 1
+                    try:
+                        run(shares[k])
+                        code = 0
+                    finally:
+                        os._exit(code)
+                children.append(pid)
+            run(shares[0])
     except EPRFormatError:
         raise
     except Exception as err:
@@ -129,8 +162,15 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
         failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
     if failed:
         raise EPRFormatError("the coded stream is corrupt: a decoding process failed")
+    return _finish(meta, arrays, out, starts, coded, bounds)
+
+
+def _finish(meta: dict[str, Any], arrays: dict[str, np.ndarray], out: np.ndarray, starts: np.ndarray,
+            coded: list[int], bounds: np.ndarray | None) -> list[np.ndarray]:
+    """Each group's values, viewing ``out``; for versions 1 and 2, the escaped values put in place."""
+    groups = meta["groups"]
     values = [out[starts[i]: starts[i + 1]] for i in range(len(groups))]
-    if escapes is None:  # versions 1 and 2: the escapes of each group follow from the decoded symbols
+    if bounds is None:  # versions 1 and 2: the escapes of each group follow from the decoded symbols
         used = 0
         for i in coded:
             k = int((values[i] == groups[i][1] - 1).sum())
