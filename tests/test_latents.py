@@ -1,5 +1,6 @@
 """Decoding a container's latents: several streams and packed groups shared out among processes."""
 
+import mmap
 import os
 import threading
 
@@ -52,3 +53,26 @@ def test_multi_stream_file_decodes_the_same_in_several_processes(monkeypatch, co
     monkeypatch.setenv("HF_EPR_DECODE_PROCESSES", "two")
     with pytest.raises(EPRError, match="HF_EPR_DECODE_PROCESSES"):
         decode_latents(meta, arrays)
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
+def test_a_mapped_file_gives_its_pages_back_and_keeps_its_bytes(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, 32 << 20, dtype=np.uint8)
+    (tmp_path / "f").write_bytes(data.tobytes())
+    with open(tmp_path / "f", "rb") as f:
+        mapped = latents_module.MappedFile(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(memoryview(mapped)[1000:], np.uint8)
+    before = _rss_kb()
+    assert int(view.sum(dtype=np.int64)) == int(data[1000:].sum(dtype=np.int64))  # every page touched
+    touched = _rss_kb()
+    latents_module._releaser(view)(0, view.size)
+    assert touched - before > 24 << 10 and touched - _rss_kb() > 24 << 10  # mapped in, then dropped
+    assert np.array_equal(view, data[1000:])  # still the file's bytes, mapped back as read
+    plain = np.frombuffer(data.tobytes(), np.uint8)
+    latents_module._releaser(plain)(0, plain.size)  # not a MappedFile: nothing happens
+    assert np.array_equal(plain, data)

@@ -35,7 +35,7 @@ import numpy as np
 from .coders import ANS, coder, ideal_bits, pack_bits, packed_width, symbols_of, table_counts, varints
 from .decoders import decoder_for_entry
 from .errors import EPRFormatError
-from .latents import decode_latents
+from .latents import MappedFile, decode_latents
 
 FORMAT_NAME = "hf_epr"
 FORMAT_VERSION = 3
@@ -583,8 +583,13 @@ def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, n
     size = os.path.getsize(path)
     if size > MAX_FILE_BYTES:
         raise EPRFormatError(f"{path} is {size} bytes, more than the {MAX_FILE_BYTES} this reader accepts")
+    if not size:
+        return parse_container(b"")
     with open(path, "rb") as f:  # mapped, not copied: the arrays view the file's cached pages
-        return parse_container(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b"")
+        mapped = MappedFile(f.fileno(), 0, access=mmap.ACCESS_READ)
+    meta, arrays = parse_container(mapped)
+    mapped.release()  # the checksum's pass touched every page: decoding maps back each part it reads, then drops it
+    return meta, arrays
 
 
 def _need(cond: bool, what: str) -> None:

@@ -16,6 +16,31 @@ from .coders import coder, native, table_counts, unpack_bits
 from .errors import EPRError, EPRFormatError
 
 
+class MappedFile(mmap.mmap):
+    """A read-only memory map of a coded file (made by ``read_container``). The decoders drop its pages from this
+    process as they finish with them — they stay in the page cache, and touching them again maps them back — so the
+    peak memory of a load is the model, not the model plus the file."""
+
+    def release(self, start: int = 0, end: int | None = None) -> None:
+        """Drop the whole pages within bytes [start, end) from this process's memory (where madvise exists)."""
+        page, end = mmap.PAGESIZE, len(self) if end is None else end
+        first, last = -(-start // page) * page, end // page * page
+        if last > first and hasattr(mmap, "MADV_DONTNEED") and not self.closed:
+            self.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _releaser(array: np.ndarray):
+    """release(start, end): drop bytes [start, end) of ``array`` where it views a :class:`MappedFile`; else a no-op."""
+    owner = array.base
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner
+    if not isinstance(owner, MappedFile) or array.size == 0:
+        return lambda start, end: None
+    offset = array.ctypes.data - np.frombuffer(owner, np.uint8).ctypes.data
+    return lambda start, end: owner.release(offset + start, offset + end)
+
+
 def stream_plan(meta: dict[str, Any], n_words: int) -> list[tuple[int, int, int, int]]:
     """(first word, end word, first group, end group) of each independently decodable stream; files with
     one stream (all version 1 files) have no ``streams`` entry."""
@@ -117,6 +142,8 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     out = np.frombuffer(shared, np.int32, total) if shared is not None else np.empty(total, np.int32)
     escapes = np.ascontiguousarray(arrays["escapes"], np.int32)
 
+    release_coded, release_packed = _releaser(arrays["coded"]), _releaser(arrays["packed"])
+
     def run(share: list) -> None:
         streams = [job for _, what, job in share if what == "stream"]
         if threads:  # all of this worker's streams in one call, two at a time
@@ -129,10 +156,13 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
         else:
             for w0, w1, ids in streams:
                 _decode_stream(meta, arrays["coded"][w0:w1], counts, ids, starts, out, escapes, bounds)
+        for w0, w1, _ in streams:
+            release_coded(4 * w0, 4 * w1)
         for _, what, job in share:
             if what == "packed":
                 lo, width, bit, count, _ = groups[job]
                 unpack_bits(arrays["packed"], bit, width, count, out[starts[job]: starts[job] + count], lo)
+                release_packed(bit // 8, (bit + width * count) // 8)
 
     children = []
     try:
