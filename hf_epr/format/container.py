@@ -194,7 +194,7 @@ class Container:
         c.groups = [CodedGroup(lo, counts[off: off + n].astype(np.uint16), v) if mode == 0 else
                     CodedGroup(lo, None, v, width=n)
                     for (lo, n, off, _, mode), v in zip(meta["groups"], latents)]
-        c.raw = {k.removeprefix("raw."): [v] for k, v in arrays.items() if k.startswith("raw.")}
+        c.raw = {k.removeprefix("raw."): [v.copy()] for k, v in arrays.items() if k.startswith("raw.")}  # not the file
         known = ("format", "version", "precision", "coder", "constriction", "streams", "n_escapes", "groups", "tensors",
                  "group_escapes")
         c.extra = {k: v for k, v in meta.items() if k not in known}
