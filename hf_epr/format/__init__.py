@@ -2,7 +2,8 @@
 
 ``hf_epr`` imports this package, and ``save_pretrained`` copies its modules (all but this file) into every
 compressed repo as the repo's remote code, so they use relative imports only and need nothing beyond torch,
-transformers, numpy, safetensors and constriction.
+transformers, numpy, safetensors and constriction (where hf_epr is installed, they use its compiled decoder,
+``_native.c``, which the repo does not carry).
 """
 
 from .coders import CODERS, Coder, categorical, histogram_table, quantize_pmf
