@@ -1,16 +1,16 @@
 """The integer latents of a read container, decoded: the entropy-coded streams and the bit-packed groups are
-shared out among forked processes that write the final values into one shared buffer."""
+shared out among workers (threads with the compiled decoder, forked processes without) that write the final values
+into one buffer."""
 
 from __future__ import annotations
 
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
-
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 
 from .coders import coder, native, table_counts, unpack_bits
 from .errors import EPRError, EPRFormatError
@@ -92,9 +92,7 @@ def decode_processes() -> int:
     """Workers that decode a multi-stream file: ``$HF_EPR_DECODE_PROCESSES``, else the CPUs this process may
     use. The compiled decoder releases the GIL, so they are threads; constriction holds it, so without the compiled
     decoder they are forked processes writing into shared memory (nothing is pickled; one where ``os.fork`` does
-    not exist)."""
-    if not (hasattr(os, "fork") or native() is not None):
-        return 1
+    not exist: see :func:`decode_latents`)."""
     value = os.environ.get("HF_EPR_DECODE_PROCESSES")
     if value:
         if not value.isdigit() or int(value) < 1:
@@ -109,10 +107,9 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     are decoded by up to ``processes`` workers at once (default: :func:`decode_processes`), each writing final
     values (escapes included, for version 3 files) into one buffer."""
     precision, groups = meta["precision"], meta["groups"]
-    coder(meta.get("coder"))  # an unknown coder is a format error, before any work
-    counts = table_counts(arrays["tables"])
-    decode_into = coder(meta.get("coder")).decode_into
+    decode_into = coder(meta.get("coder")).decode_into  # an unknown coder is a format error, before any work
     threads = native() is not None and decode_into is not None
+    counts = table_counts(arrays["tables"])
     for lo, n_sym, off, count, mode in groups:
         table, total = counts[off: off + n_sym], int(counts[off: off + n_sym].sum())
         if mode == 0 and count and (total & (total - 1) or total > (1 << precision) or table.min() == 0):
@@ -129,16 +126,21 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
             for w0, w1, g0, g1 in stream_plan({**meta, "groups": coded}, arrays["coded"].size)]
     jobs += [(groups[i][3] // 8, "packed", i) for i, g in enumerate(groups) if g[4] == 1]
     processes = max(1, min(len(jobs), decode_processes() if processes is None else processes))
+    if not (threads or hasattr(os, "fork")):
+        processes = 1
     shares: list[list] = [[] for _ in range(processes)]  # largest job first to the least loaded process
     loads = [0] * processes
     for job in sorted(jobs, key=lambda job: -job[0]):
         k = loads.index(min(loads))
         shares[k].append(job)
         loads[k] += job[0]
-    # with several processes: an anonymous shared mapping (freed with the last array that views it)
-    shared = mmap.mmap(-1, max(4 * total, 1)) if processes > 1 and not threads else None
-    if threads and hasattr(mmap, "MAP_POPULATE"):  # faulted in at once (faster, and not by racing threads)
+    # an anonymous mapping (freed with the last array that views it): shared with forked processes, or for threads
+    # faulted in at once (faster, and not by racing threads)
+    shared = None
+    if threads and hasattr(mmap, "MAP_POPULATE"):
         shared = mmap.mmap(-1, max(4 * total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    elif not threads and processes > 1:
+        shared = mmap.mmap(-1, max(4 * total, 1))
     out = np.frombuffer(shared, np.int32, total) if shared is not None else np.empty(total, np.int32)
     escapes = np.ascontiguousarray(arrays["escapes"], np.int32)
 
@@ -146,7 +148,7 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
 
     def run(share: list) -> None:
         streams = [job for _, what, job in share if what == "stream"]
-        if threads:  # all of this worker's streams in one call, two at a time
+        if threads:  # all of this worker's streams in one call (decoded four at a time)
             try:
                 decode_into([(np.ascontiguousarray(arrays["coded"][w0:w1], np.uint32),
                               _stream_spec(meta, ids, starts, bounds)) for w0, w1, ids in streams],
@@ -192,13 +194,6 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
         failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
     if failed:
         raise EPRFormatError("the coded stream is corrupt: a decoding process failed")
-    return _finish(meta, arrays, out, starts, coded, bounds)
-
-
-def _finish(meta: dict[str, Any], arrays: dict[str, np.ndarray], out: np.ndarray, starts: np.ndarray,
-            coded: list[int], bounds: np.ndarray | None) -> list[np.ndarray]:
-    """Each group's values, viewing ``out``; for versions 1 and 2, the escaped values put in place."""
-    groups = meta["groups"]
     values = [out[starts[i]: starts[i + 1]] for i in range(len(groups))]
     if bounds is None:  # versions 1 and 2: the escapes of each group follow from the decoded symbols
         used = 0
