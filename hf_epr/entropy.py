@@ -7,11 +7,12 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .format.decoders import DecoderKind, round_latent, small_tensor_limit
+from .format.decoders import DecoderKind, host, native_train, round_latent, small_tensor_limit
 from .format.errors import EPRError
 
 
@@ -140,6 +141,7 @@ class RateLayout:
         start = 0
         for i in self.small + self.large:
             self.parts[i], start = slice(start, start + sizes[i]), start + sizes[i]
+        self.numel = start
         self.small_numel = sum(sizes[i] for i in self.small)
         first = 0
         self.channels: list[slice] = []  # each tensor's density channels (its groups, consecutive)
@@ -159,6 +161,7 @@ class RateLayout:
             start += size
         self.step_index, self.shift_index = torch.cat(step_index), torch.cat(shift_index)
         self._offsets: tuple[int, torch.Tensor] | None = None
+        self._host: list[list] | None = None  # see host_parts
 
     @staticmethod
     def key_of(tensors: Sequence[LatentTensor]) -> tuple:
@@ -199,6 +202,20 @@ class RateLayout:
                 target.addcmul_(noise[where].view(t.z.shape), view(c[ch]))
             else:
                 target.add_(noise[where].view(t.z.shape), alpha=c)
+
+    def host_parts(self, tensors: Sequence[LatentTensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(values, channel pattern) of every tensor in placement order, as NumPy arrays for the compiled pass: the
+        values share the CPU tensors' memory (a view is made again when a tensor's memory has moved); the pattern
+        is each element's density channel, repeating over the flat tensor (see ``DecoderKind.flat_pattern``)."""
+        order = self.small + self.large
+        if self._host is None:  # [data pointer, values, pattern] per tensor
+            self._host = [[None, None, tensors[i].kind.flat_pattern() + np.int32(self.channels[i].start)]
+                          for i in order]
+        for entry, i in zip(self._host, order):
+            z = tensors[i].z
+            if entry[0] != z.data_ptr():
+                entry[0], entry[1] = z.data_ptr(), host(z).reshape(-1)
+        return [(values, pattern) for _, values, pattern in self._host]
 
     def add_channel_offsets(self, tensors: Sequence[LatentTensor], index: torch.Tensor, cells: int) -> None:
         """Add ``channel * cells`` to every latent's cell index (int32)."""
@@ -486,57 +503,88 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         log_step, shift = layout.steps_and_shifts(tensors)
         step = log_step.exp()
         channels = step.numel()
-        # the sums over latents are estimated from every stride-th block above SAMPLED_LATENTS; the buffers are
-        # padded to whole strides of blocks (padding goes to a spare cell that no sum reads)
+        # the sums over latents are estimated from every stride-th block above SAMPLED_LATENTS
         stride = max(1, -(-n // SAMPLED_LATENTS))
-        padded = n if stride == 1 else -(-n // (SAMPLE_BLOCK * stride)) * SAMPLE_BLOCK * stride
+        compiled = native_train(*(t.z for t in tensors)) is not None
+        # torch operations pad their buffers to whole strides of blocks (the padding goes to a cell no sum reads)
+        padded = n if stride == 1 or compiled else -(-n // (SAMPLE_BLOCK * stride)) * SAMPLE_BLOCK * stride
         noise = workspace.noise(padded, dtype, device)
-        position = workspace.buffer("position", padded, dtype, device)
+        pick = int(torch.randint(stride, ())) if stride > 1 else 0
         grid = workspace.usable_grid(channels, resolution, max_bins, device)
         for fresh in ((False, True) if grid is not None else (True,)):
             if fresh:
                 grid = workspace.grid = RateGrid.spanning(tensors, step, shift, resolution, max_bins, dtype)
-            # grid position of every noisy value, (z - shift) / step + noise - origin in grid spacings, placed tensor
-            # by tensor with its groups' coefficients broadcast: z * a + b + noise * c
+            # grid position of every noisy value, (z - shift) / step + noise - origin in grid spacings, with its
+            # channel's coefficients: z * a + b + noise * c
             c = grid.points_per_unit
             a, b = c / step, -(shift / step + grid.origin) * c
-            layout.place(tensors, position, noise, a, b, c, workspace.buffer("small", layout.small_numel, dtype, device))
-            low, high = torch.stack(position[:n].aminmax()).tolist()  # one host sync: do all lie on the grid?
-            if 0 <= low and high < grid.points - 1:
+            found = (_compiled_sums if compiled else _torch_sums)(layout, tensors, workspace, grid.points, noise,
+                                                                   (a, b, c), stride, pick)
+            if found is not None:
                 break
             if fresh:  # a grid built around the latents holds them unless they are not finite
                 raise EPRError(DIVERGED)
+        index, count, frac, drawn = found
         points = grid.points
-        index = workspace.index(padded, device)
-        index[:n].copy_(position[:n])  # positions are >= 0: truncation is the floor
-        position.frac_()  # the fraction w of the way to the next grid point
-        index[n:] = channels * points  # the spare cell
-        layout.add_channel_offsets(tensors, index, points)
-        # sums over the latents (or an evenly strided random subset): per grid point, the latents whose noisy value
-        # lies in the interval above it, their fractions w and their noise draws
-        sample = [index, position, noise]
-        if stride > 1:  # copied once into contiguous buffers (each bincount would copy a strided input again)
-            pick = slice(int(torch.randint(stride, ())), None, stride)
-            sample = [workspace.buffer(f"sample{i}", padded // stride, x.dtype, device).view(-1, SAMPLE_BLOCK)
-                      .copy_(x.view(-1, SAMPLE_BLOCK)[pick]).view(-1) for i, x in enumerate(sample)]
-        cells = channels * points
-        count, frac, drawn = (torch.bincount(sample[0], w, minlength=cells + 1)[:cells].to(dtype).view(channels, -1)
-                              * stride for w in (None, sample[1], sample[2]))
     h, origin = grid.h, grid.origin
     f = bin_window_bits(density, origin, h, grid.width, points, resolution)  # wide bins: smooth at one integer
     with torch.no_grad():
         weight = count - frac  # linear interpolation: (1 - w) to the point below, w to the point above
         weight[:, 1:] += frac[:, :-1]
-        per_unit = torch.zeros_like(f)
-        per_unit[:, :-1] = (f[:, 1:] - f[:, :-1]) / h[:, None]  # bits per integer unit in each point's interval
+        h = h[:, None]
+        per_unit = F.pad(torch.diff(f, dim=1) / h, (0, 1))  # bits per integer unit in each point's interval
         # d units / d log_step = -units, d units / d shift = -1 / step; a latent's units are its noisy value
         # origin + (j + w) * h less its noise draw
         j = torch.arange(points, dtype=dtype, device=device)
-        grad_log_step = -(per_unit * (count * (origin[:, None] + j * h[:, None]) + frac * h[:, None] - drawn)).sum(1)
+        units = torch.addcmul(origin[:, None], j, h).mul_(count).addcmul_(frac, h).sub_(drawn)
+        grad_log_step = -(per_unit * units).sum(1)
         grad_shift = -(per_unit * count).sum(1) / step
         per_latent = (per_unit / step[:, None]).reshape(-1)  # bits per latent unit z
     return ((f * weight).sum() + layout.steering(tensors, grad_log_step, grad_shift)
-            + _CellGradient.apply(index[:n], per_latent, workspace, layout, *[t.z for t in tensors]))
+            + _CellGradient.apply(index, per_latent, workspace, layout, *[t.z for t in tensors]))
+
+
+def _torch_sums(layout: RateLayout, tensors: Sequence[LatentTensor], workspace: RateWorkspace, points: int,
+                noise: torch.Tensor, coef: tuple, stride: int, pick: int) -> tuple[torch.Tensor, ...] | None:
+    """:func:`noise_rate`'s pass over the latents in torch operations: (cell index of every latent, and per grid
+    point the count, fractions and noise draws of the latents of every stride-th block of ``SAMPLE_BLOCK`` from
+    ``pick``, scaled by ``stride``), or None when a noisy value leaves the grid. ``noise`` is padded to whole strides
+    of blocks."""
+    (a, b, c), n, padded = coef, layout.numel, noise.numel()
+    dtype, device, channels = noise.dtype, noise.device, a.numel()
+    position = workspace.buffer("position", padded, dtype, device)
+    layout.place(tensors, position, noise, a, b, c, workspace.buffer("small", layout.small_numel, dtype, device))
+    low, high = torch.stack(position[:n].aminmax()).tolist()  # one host sync: do all lie on the grid?
+    if not (0 <= low and high < points - 1):
+        return None
+    index = workspace.index(padded, device)
+    index[:n].copy_(position[:n])  # positions are >= 0: truncation is the floor
+    position.frac_()  # the fraction w of the way to the next grid point
+    index[n:] = channels * points  # the spare cell
+    layout.add_channel_offsets(tensors, index, points)
+    sample = [index, position, noise]
+    if stride > 1:  # copied once into contiguous buffers (each bincount would copy a strided input again)
+        sample = [workspace.buffer(f"sample{i}", padded // stride, x.dtype, device).view(-1, SAMPLE_BLOCK)
+                  .copy_(x.view(-1, SAMPLE_BLOCK)[pick::stride]).view(-1) for i, x in enumerate(sample)]
+    cells = channels * points
+    return index[:n], *(torch.bincount(sample[0], w, minlength=cells + 1)[:cells].to(dtype).view(channels, -1)
+                        * stride for w in (None, sample[1], sample[2]))
+
+
+def _compiled_sums(layout: RateLayout, tensors: Sequence[LatentTensor], workspace: RateWorkspace, points: int,
+                   noise: torch.Tensor, coef: tuple, stride: int, pick: int) -> tuple[torch.Tensor, ...] | None:
+    """:func:`_torch_sums` in one compiled pass (``_native_train.c``; float32 latents on the CPU)."""
+    a, b, c = coef
+    channels = a.numel()
+    rows = torch.stack([a, b, c if isinstance(c, torch.Tensor) else torch.full_like(a, c)]).float()
+    index = workspace.index(layout.numel, noise.device)
+    sums = workspace.buffer("sums", channels * points * 3, torch.float64, noise.device)
+    if not native_train(noise).noisy_histogram(layout.host_parts(tensors), host(noise), host(rows), host(index),
+                                               host(sums), points, SAMPLE_BLOCK, stride, pick,
+                                               torch.get_num_threads()):
+        return None
+    sums = sums.view(channels, points, 3).to(noise.dtype)
+    return index, *(sums * stride if stride > 1 else sums).unbind(-1)
 
 
 class _ParamGradient(torch.autograd.Function):
@@ -556,7 +604,7 @@ class _ParamGradient(torch.autograd.Function):
 
 class _CellGradient(torch.autograd.Function):
     """Zero in value; the gradient to each latent is the slope table at its cell: one gather for all the small
-    tensors together, one per large tensor (a tensor of its own, which gradient accumulation takes as it is)."""
+    tensors together, one per large tensor."""
 
     @staticmethod
     def forward(ctx, index: torch.Tensor, slope: torch.Tensor, workspace: RateWorkspace | None, layout: RateLayout,
@@ -573,8 +621,10 @@ class _CellGradient(torch.autograd.Function):
             small = table.index_select(0, index[: layout.small_numel])
             for i in layout.small:
                 grads[i] = small[layout.parts[i]].view(ctx.shapes[i])
-        for i in layout.large:
-            grads[i] = table.index_select(0, index[layout.parts[i]]).view(ctx.shapes[i])
+        for i in layout.large:  # gathered into a tensor of its own shape (not a view): autograd adds the decoder's
+            # gradient into it in place instead of allocating their sum
+            grads[i] = table.new_empty(ctx.shapes[i])
+            torch.index_select(table, 0, index[layout.parts[i]], out=grads[i].view(-1))
         if ctx.workspace is not None:
             ctx.workspace.index_pending = False  # its index buffer may be written again
         return (None, None, None, None, *grads)

@@ -59,7 +59,8 @@ class CompressedTensor:
 
     @property
     def latent(self) -> nn.Parameter:
-        return getattr(self.module.parametrizations, self.attr).original
+        """The latent tensor (read on every step: the registries directly, not three ``nn.Module`` lookups)."""
+        return self.module._modules["parametrizations"]._modules[self.attr]._parameters["original"]
 
     @property
     def kind(self) -> DecoderKind:
@@ -74,12 +75,13 @@ class DecodeBatch:
 
     def __init__(self, entries: list[CompressedTensor]):
         self.candidates = entries
-        self._plans: dict[str, tuple[list[list[CompressedTensor]], torch.Tensor, torch.Tensor] | None] = {}
+        self._plans: dict[str, tuple | None] = {}
 
-    def _plan(self, device: torch.device) -> tuple[list[list[CompressedTensor]], torch.Tensor, torch.Tensor] | None:
+    def _plan(self, device: torch.device) -> tuple | None:
         """The batched tensors on ``device`` in runs that transform alike, and per latent element where its log step
         lies in the decoders' parameters concatenated, and its shift for the elements of kinds with shifts (first);
-        None when fewer than two tensors are small."""
+        the same as each tensor's step pattern and shift offset for the compiled loops; None when fewer than two
+        tensors are small."""
         key = str(device)
         if key not in self._plans:
             limit = small_tensor_limit(device)
@@ -88,7 +90,7 @@ class DecodeBatch:
             small.sort(key=lambda e: (not e.kind.has_shift, e.kind.transform_key is not None,
                                       str(e.kind.transform_key)))
             runs: list[list[CompressedTensor]] = []
-            steps, shifts, start = [], [], 0
+            steps, shifts, patterns, start = [], [], [], 0
             for e in small:
                 if runs and runs[-1][0].kind.transform_key == e.kind.transform_key:
                     runs[-1].append(e)
@@ -98,9 +100,10 @@ class DecodeBatch:
                 steps.append(group + start)
                 if e.kind.has_shift:
                     shifts.append(group + start + g)
+                patterns.append(e.kind.compiled_steps(start))
                 start += e.decoder.params.numel()
             self._plans[key] = None if len(small) < 2 else (
-                runs, torch.cat(steps), torch.cat(shifts) if shifts else steps[0].new_zeros(0))
+                runs, torch.cat(steps), torch.cat(shifts) if shifts else steps[0].new_zeros(0), patterns)
         return self._plans[key]
 
     def weights(self) -> list[tuple[CompressedTensor, torch.Tensor]]:
@@ -108,9 +111,10 @@ class DecodeBatch:
         plan = self._plan(self.candidates[0].latent.device) if self.candidates else None
         if plan is None:
             return []
-        runs, step_index, shift_index = plan
+        runs, step_index, shift_index, patterns = plan
         batch = [e for run in runs for e in run]
-        flat = quantize_together([e.latent for e in batch], [e.decoder.params for e in batch], step_index, shift_index)
+        flat = quantize_together([e.latent for e in batch], [e.decoder.params for e in batch], step_index, shift_index,
+                                 patterns)
         weights, start = [], 0
         for run in runs:  # consecutive entries that transform alike: one transform for all
             sizes = [e.latent.numel() for e in run]

@@ -188,6 +188,16 @@ class EPRTrainer(Trainer):
             self.rate_lambda = start
             self.add_callback(TargetSizeCallback(self))
 
+    def _epr(self, model: torch.nn.Module) -> EPRModel:
+        """The EPRModel inside ``model`` (which accelerate may have wrapped), looked up once per wrapper: accelerate's
+        ``unwrap_model`` walks every module, a cost paid on every step otherwise."""
+        if isinstance(model, EPRModel):
+            return model
+        cached = self.__dict__.get("_unwrapped")
+        if cached is None or cached[0] is not model:
+            cached = self.__dict__["_unwrapped"] = (model, self.accelerator.unwrap_model(model))
+        return cached[1]
+
     def _global_mean(self, values: list[float]) -> list[float]:
         """Mean of each value over the processes (identity in a single process); every rank must call it."""
         return self._reduce(values, "mean")
@@ -262,7 +272,7 @@ class EPRTrainer(Trainer):
         return super()._prepare_inputs(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        epr = self.accelerator.unwrap_model(model)
+        epr = self._epr(model)
         inputs = dict(inputs)
         labels = inputs.get("labels")
         status = None if labels is None else (getattr(self, "_label_status", None) or _label_status(labels))

@@ -7,6 +7,7 @@ import torch
 
 from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRFormatError, EPRModel
 from hf_epr.format import WEIGHTS_NAME, read_container
+from hf_epr.format import decoders
 from hf_epr.format.decoders import (DECODER_KINDS, AffineKind, DCTKind, DecoderKind, _QuantizeSTE, dct_matrix,
                                     decoder_for_entry, quantize_together, register_decoder_kind, ste_round)
 from hf_epr.testing import tiny_inputs, tiny_model, train_a_few_steps
@@ -105,25 +106,31 @@ def test_decoding_a_files_groups_reuses_their_memory(kind):
         assert torch.equal(kind.decode_groups(apart, params), expected)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "compiled"])
 @pytest.mark.parametrize("kinds", ["dct only", "affine and dct"])
-def test_quantizing_tensors_together_equals_one_by_one(kinds):
+def test_quantizing_tensors_together_equals_one_by_one(kinds, compiled, monkeypatch):
     """quantize_together (the forward's batched rounding) gives each tensor's own fused rounding, values and
-    gradients, whether or not some kinds have shifts."""
+    gradients, whether or not some kinds have shifts, in torch operations and in the compiled loops."""
+    if compiled and decoders._native_train is None:
+        pytest.skip("the compiled training loops are not in use (not built, or HF_EPR_NATIVE=0)")
+    if not compiled:
+        monkeypatch.setattr(decoders, "_native_train", None)
     torch.manual_seed(0)
     specs = [DCTKind((6, 4, 3, 3), [0, 1, 1, 1, 2, 2, 2, 2, 2]), DCTKind((5, 5, 3, 3), [0, 0, 0, 0, 1, 1, 1, 1, 1])]
     if kinds == "affine and dct":
         specs = [AffineKind((30,)), AffineKind((7, 9))] + specs
     zs = [(torch.randn(k.shape) * 0.1).requires_grad_() for k in specs]
     params = [k.initial_params(z.detach(), 1 / 16).requires_grad_() for k, z in zip(specs, zs)]
-    steps, shifts, start = [], [], 0
+    steps, shifts, patterns, start = [], [], [], 0
     for k, p in zip(specs, params):
         group = k.group_index()
         steps.append(group + start)
         if k.has_shift:
             shifts.append(group + start + k.num_groups)
+        patterns.append(k.compiled_steps(start))
         start += p.numel()
     no_shift = torch.zeros(0, dtype=torch.long)
-    flat = quantize_together(zs, params, torch.cat(steps), torch.cat(shifts) if shifts else no_shift)
+    flat = quantize_together(zs, params, torch.cat(steps), torch.cat(shifts) if shifts else no_shift, patterns)
     weights = torch.linspace(-1, 1, flat.numel())
     (flat * weights).sum().backward()
     together = [t.grad.clone() for t in zs + params]

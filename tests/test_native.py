@@ -1,5 +1,5 @@
 """The compiled decoding loops (hf_epr/format/_native.c) give exactly what constriction and NumPy give, and reject
-corrupt input with a typed error."""
+corrupt input with a typed error (the compiled training loops: tests/test_native_train.py)."""
 
 import os
 import shutil
@@ -13,7 +13,7 @@ import torch
 
 import hf_epr.format.coders as coders
 from hf_epr import EPRConfig, EPRFormatError, EPRModel
-from hf_epr.format import WEIGHTS_NAME, decode_state_dict, read_container
+from hf_epr.format import WEIGHTS_NAME, decode_state_dict, decoders, read_container
 from hf_epr.format.coders import ANS, CODERS, quantize_pmf, unpack_bits
 from hf_epr.testing import tiny_model
 
@@ -21,15 +21,19 @@ native = coders.native()
 needs_native = pytest.mark.skipif(native is None, reason="the compiled decoder was not built (no C compiler)")
 
 
-def test_the_compiled_decoder_is_built_where_a_compiler_is():
+@pytest.mark.parametrize("source,module,probe", [
+    ("hf_epr/format/_native.c", native, "from hf_epr.format.coders import native; print(native() is None)"),
+    ("hf_epr/_native_train.c", decoders._native_train,
+     "from hf_epr.format import decoders; print(decoders._native_train is None)"),
+])
+def test_the_compiled_loops_are_built_where_a_compiler_is(source, module, probe):
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
-        pytest.skip(f"no C compiler ({compiler}) here: hf_epr decodes with constriction and NumPy")
-    assert native is not None, "pip install -e . should have built hf_epr/format/_native.c"
-    script = "from hf_epr.format.coders import native; print(native() is None)"
-    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "HF_EPR_NATIVE": "0"},
+        pytest.skip(f"no C compiler ({compiler}) here: hf_epr decodes and trains without its compiled loops")
+    assert module is not None, f"pip install -e . should have built {source}"
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "HF_EPR_NATIVE": "0"},
                          capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.strip() == "True"  # HF_EPR_NATIVE=0 rules it out
+    assert out.stdout.strip() == "True"  # HF_EPR_NATIVE=0 rules them out
 
 
 def random_stream(rng, n_groups, with_escapes):

@@ -15,6 +15,7 @@ registered with :func:`register_decoder_kind`.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -24,6 +25,27 @@ from .coders import native
 from .errors import EPRFormatError
 
 MAX_LATENT = float(1 << 30)  # rounded latents are clamped to +-2**30 so they fit int32
+
+try:  # the compiled training loops built with hf_epr (optional: torch operations compute the same values)
+    from hf_epr import _native_train
+except ImportError:
+    _native_train = None
+if os.environ.get("HF_EPR_NATIVE") == "0":  # to compare, or to rule the compiled loops out
+    _native_train = None
+
+
+def native_train(*tensors: torch.Tensor):
+    """The compiled training loops (``hf_epr/_native_train.c``, built by ``pip install``) when they were built, not
+    ruled out by ``HF_EPR_NATIVE=0``, and all ``tensors`` are contiguous float32 on the CPU; else None."""
+    if _native_train is None or not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                                        for t in tensors):
+        return None
+    return _native_train
+
+
+def host(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory (no copy), for the compiled loops."""
+    return t.detach().numpy()
 
 
 def round_latent(u: torch.Tensor) -> torch.Tensor:
@@ -82,20 +104,36 @@ class _QuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, params: torch.Tensor, kind: "DecoderKind") -> torch.Tensor:
+        ctx.kind, ctx.compiled = kind, native_train(z, params) is not None
+        if ctx.compiled:  # one pass; the backward reads x - z from x and z
+            x = torch.empty_like(z)
+            native_train(z).quantize([(host(z).reshape(-1), *kind.compiled_steps())], host(params.exp()),
+                                     host(params), host(x), torch.get_num_threads())
+            ctx.save_for_backward(x, z)
+            return x
         log_step, shift = kind.params_split(params)
         x = _quantize(z, kind.group_view(torch.exp(log_step)), kind.group_view(shift) if shift is not None else None)
         ctx.save_for_backward(x - z)
-        ctx.kind = kind
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (diff,) = ctx.saved_tensors
         kind = ctx.kind
-        if kind.num_groups == 1:  # a dot product
-            grad_log_step = (grad.reshape(-1) @ diff.reshape(-1)).reshape(1)
+        if ctx.compiled and native_train(grad.contiguous()) is not None:
+            x, z = ctx.saved_tensors
+            sums = torch.empty(kind.num_groups, dtype=torch.float64)
+            native_train(z).group_sums([(host(z).reshape(-1), kind.flat_pattern(), -1)], host(grad.contiguous()),
+                                       host(x), host(sums), torch.get_num_threads())
+            grad_log_step = sums.to(z.dtype)
+        elif ctx.compiled:  # the compiled forward, a gradient it cannot read
+            x, z = ctx.saved_tensors
+            grad_log_step = kind.reduce_to_groups(grad * (x - z), "sum")
         else:
-            grad_log_step = kind.reduce_to_groups(grad * diff, "sum")
+            (diff,) = ctx.saved_tensors
+            if kind.num_groups == 1:  # a dot product
+                grad_log_step = (grad.reshape(-1) @ diff.reshape(-1)).reshape(1)
+            else:
+                grad_log_step = kind.reduce_to_groups(grad * diff, "sum")
         if kind.has_shift:  # no gradient to the shifts
             grad_log_step = torch.cat([grad_log_step, torch.zeros_like(grad_log_step)])
         return grad, grad_log_step, None
@@ -105,27 +143,43 @@ class _QuantizeTogether(torch.autograd.Function):
     """:class:`_QuantizeSTE` for several tensors in one operation: ``count`` latents, then their flat parameters.
     ``step_index`` gives each latent element (all tensors' elements in order) the place of its log step in the
     parameters concatenated; ``shift_index`` that of its shift, for the leading elements whose kinds have shifts
-    (the tensors of kinds with shifts come first)."""
+    (the tensors of kinds with shifts come first). ``patterns``: the same places as each tensor's
+    :meth:`DecoderKind.compiled_steps`, for the compiled loops."""
 
     @staticmethod
-    def forward(ctx, step_index: torch.Tensor, shift_index: torch.Tensor, count: int,
-                *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, step_index: torch.Tensor, shift_index: torch.Tensor, patterns: list[tuple[np.ndarray, int]],
+                count: int, *tensors: torch.Tensor) -> torch.Tensor:
         zs, params = tensors[:count], tensors[count:]
         flat = torch.cat([p.reshape(-1) for p in params])
+        ctx.sizes, ctx.shapes = [p.numel() for p in params], [t.shape for t in zs]
+        compiled = native_train(flat, *zs)
+        ctx.patterns = patterns if compiled is not None else None
+        if compiled is not None:  # one pass over the tensors where they are; the backward reads x - z from x and z
+            x = flat.new_empty(sum(z.numel() for z in zs))
+            compiled.quantize([(host(z).reshape(-1), *p) for z, p in zip(zs, patterns)], host(flat.exp()), host(flat),
+                              host(x), torch.get_num_threads())
+            ctx.save_for_backward(x, *zs)
+            return x
         z = torch.cat([t.reshape(-1) for t in zs])
         step, shifted, x = flat.exp().index_select(0, step_index), shift_index.numel(), torch.empty_like(z)
         _quantize(z[:shifted], step[:shifted], flat.index_select(0, shift_index), out=x[:shifted])
         _quantize(z[shifted:], step[shifted:], None, out=x[shifted:])
         ctx.save_for_backward(x - z, step_index)
-        ctx.sizes, ctx.shapes = [p.numel() for p in params], [t.shape for t in zs]
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        diff, step_index = ctx.saved_tensors
-        per_param = torch.bincount(step_index, grad * diff, minlength=sum(ctx.sizes))  # shifts get 0
-        grads = [g.view(shape) for g, shape in zip(grad.split([math.prod(s) for s in ctx.shapes]), ctx.shapes)]
-        return (None, None, None, *grads, *per_param.to(diff.dtype).split(ctx.sizes))
+        grad, sizes = grad.contiguous(), [math.prod(s) for s in ctx.shapes]
+        if ctx.patterns is not None:
+            x, *zs = ctx.saved_tensors
+            per_param = torch.empty(sum(ctx.sizes), dtype=torch.float64)
+            native_train(x).group_sums([(host(z).reshape(-1), *p) for z, p in zip(zs, ctx.patterns)], host(grad),
+                                       host(x), host(per_param), torch.get_num_threads())  # shifts get 0
+        else:
+            diff, step_index = ctx.saved_tensors
+            per_param = torch.bincount(step_index, grad * diff, minlength=sum(ctx.sizes))  # shifts get 0
+        grads = [g.view(shape) for g, shape in zip(grad.split(sizes), ctx.shapes)]
+        return (None, None, None, None, *grads, *per_param.to(torch.float32).split(ctx.sizes))
 
 
 SMALL_TENSOR = 1 << 16  # on the CPU, tensors up to this many elements are handled together (decoding, training rate)
@@ -138,11 +192,11 @@ def small_tensor_limit(device: torch.device) -> int:
 
 
 def quantize_together(zs: list[torch.Tensor], params: list[torch.Tensor], step_index: torch.Tensor,
-                      shift_index: torch.Tensor) -> torch.Tensor:
+                      shift_index: torch.Tensor, patterns: list[tuple[np.ndarray, int]]) -> torch.Tensor:
     """The quantized latents of several tensors (each ``kind.forward`` before its transform), flat and back to back,
     in one operation and one autograd node: the per-operation cost of many small tensors paid once. See
     :class:`_QuantizeTogether`."""
-    return _QuantizeTogether.apply(step_index, shift_index, len(zs), *zs, *params)
+    return _QuantizeTogether.apply(step_index, shift_index, patterns, len(zs), *zs, *params)
 
 
 class DecoderKind:
@@ -290,6 +344,25 @@ class DecoderKind:
     def integers(self, groups: list[np.ndarray]) -> torch.Tensor:
         """The decoded coding groups as one tensor of the tensor's shape (any dtype: a view where the kind can)."""
         return torch.from_numpy(self.join(groups))
+
+    def flat_pattern(self) -> np.ndarray:
+        """The group of every element as an int32 pattern that repeats over the flat tensor, for the compiled loops:
+        one entry for one group, the group pattern where it spans trailing dimensions (dct), one entry per element
+        otherwise (cached)."""
+        if "flat" not in self._cache:
+            p = self.group_pattern()
+            while p.ndim and p.shape[0] == 1 and p.size > 1:
+                p = p[0]
+            if p.size > 1 and tuple(p.shape) != self.shape[len(self.shape) - p.ndim:]:
+                p = np.broadcast_to(self.group_pattern(), self.shape)
+            self._cache["flat"] = np.ascontiguousarray(p.reshape(-1)[:1] if p.size == 1 else p.reshape(-1), np.int32)
+        return self._cache["flat"]
+
+    def compiled_steps(self, first: int = 0) -> tuple[np.ndarray, int]:
+        """For the compiled loops: the parameter index of each element's step (its group, after ``first``) as a
+        repeating pattern (:meth:`flat_pattern`), and how far its shift lies after its step (-1: no shifts)."""
+        pattern = self.flat_pattern()
+        return (pattern + np.int32(first) if first else pattern), (self.num_groups if self.has_shift else -1)
 
     def group_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Group id of every element in the latent's flat (row-major) order."""
