@@ -4,14 +4,14 @@
     python benchmarks/step_time.py --quick    # 40 steps
 
 The runs alternate in one process (plain, EPR without label preservation, EPR with the default label preservation
-— 'fixed' with the teacher terms also on a warped and mixed copy of each batch — repeated) so machine noise hits
-all of them;
+— 'fixed' with the teacher terms also on a warped and mixed copy of each batch — and EPR without label preservation
+on torch operations alone, as without the compiled training loops; repeated) so machine noise hits all of them;
 the table reports the median of the repeats and the ratios. The data are in-memory tensors (an Arrow-backed
 dataset's row formatting would add the same constant to every trainer and hide the ratio). A second table splits
 the EPR overhead: the rate term alone (``bits()`` forward and backward) per step, against the plain step; a third
 measures the rate term's throughput on larger models (a 5 M-parameter ResNet and ResNet-50), with its sums from a
-strided subset of the latents (the default above 4 M latents) and from all of them, and the spread of its value and
-gradients over the calls.
+strided subset of the latents (the default above 4 M latents) and from all of them, with and without the compiled
+training loops, and the spread of its value and gradients over the calls.
 Writes ``benchmarks/results/step_time.{md,json}``.
 """
 
@@ -27,6 +27,7 @@ from transformers import AutoModelForImageClassification, ResNetConfig, Trainer,
 
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments, entropy
 from hf_epr.data import TensorRows, load_mnist, mnist_pixel_values
+from hf_epr.format import decoders
 from hf_epr.results import markdown_table
 
 from common import MNIST_MODELS, build_mnist_model, save_results
@@ -40,15 +41,22 @@ def seconds_per_step(kind: str, base, data, steps: int, out: str) -> float:
     model = copy.deepcopy(base)
     if kind == "plain":
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data)
-    else:
-        lp = "off" if kind == OFF else EPRTrainingArguments.label_preservation  # the package default
-        epr = EPRModel.from_base(model, EPRConfig(rate_lambda=0.5, init_step_ratio=1 / 64))
-        trainer = EPRTrainer(model=epr, reference_model=base if lp != "off" else None, train_dataset=data,
-                             args=EPRTrainingArguments(label_preservation=lp, **common))
-    return trainer.train().metrics["train_runtime"] / steps
+        return trainer.train().metrics["train_runtime"] / steps
+    lp = EPRTrainingArguments.label_preservation if kind == DEFAULT else "off"  # the package default, or off
+    epr = EPRModel.from_base(model, EPRConfig(rate_lambda=0.5, init_step_ratio=1 / 64))
+    trainer = EPRTrainer(model=epr, reference_model=base if lp != "off" else None, train_dataset=data,
+                         args=EPRTrainingArguments(label_preservation=lp, **common))
+    compiled = decoders._native_train
+    if kind == UNCOMPILED:  # what HF_EPR_NATIVE=0 (or an install without a C compiler) runs
+        decoders._native_train = None
+    try:
+        return trainer.train().metrics["train_runtime"] / steps
+    finally:
+        decoders._native_train = compiled
 
 
 OFF, DEFAULT = "epr (label preservation off)", "epr (default label preservation)"
+UNCOMPILED = "epr (label preservation off), torch operations only"
 THROUGHPUT_MODELS = {
     "resnet-5M": lambda: ResNetConfig(num_labels=10, layer_type="basic", embedding_size=64,
                                       hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1]),
@@ -81,7 +89,7 @@ def main() -> None:
     steps, repeats = (40, 1) if args.quick else (300, 3)
     x, y = load_mnist("train")
     data = TensorRows({"pixel_values": mnist_pixel_values(x), "labels": torch.from_numpy(y)})
-    kinds = ["plain", OFF, DEFAULT]
+    kinds = ["plain", OFF, DEFAULT] + ([UNCOMPILED] if decoders._native_train is not None else [])
     rows, parts = [], []
     for variant in MNIST_MODELS:
         torch.manual_seed(0)
@@ -105,12 +113,18 @@ def main() -> None:
         base = AutoModelForImageClassification.from_config(config()).eval()
         n = EPRModel.from_base(copy.deepcopy(base)).num_compressed_parameters
         default = entropy.SAMPLED_LATENTS
-        for sample in (default, n):  # sums from a strided subset above SAMPLED_LATENTS (the default), from all
-            entropy.SAMPLED_LATENTS = sample
-            rate, value_spread, grad_spread = rate_term_seconds(base, 4 if args.quick else 12)
-            entropy.SAMPLED_LATENTS = default
+        compiled = decoders._native_train
+        # sums from a strided subset above SAMPLED_LATENTS (the default), from all; and on torch operations alone
+        runs = [(default, compiled), (n, compiled)] + ([(default, None)] if compiled is not None else [])
+        for sample, loops in runs:
+            entropy.SAMPLED_LATENTS, decoders._native_train = sample, loops
+            try:
+                rate, value_spread, grad_spread = rate_term_seconds(base, 4 if args.quick else 12)
+            finally:
+                entropy.SAMPLED_LATENTS, decoders._native_train = default, compiled
             throughput.append({"model": name, "latents_M": round(n / 1e6, 2),
                                "sums_from": f"1/{-(-n // sample)}" if sample < n else "all",
+                               "compiled_loops": loops is not None,
                                "rate_term_ms": round(1000 * rate, 1), "M_latents_per_s": round(n / rate / 1e6, 1),
                                "value_rel_std": float(f"{value_spread:.2g}"),
                                "step_size_grad_rel_std": float(f"{grad_spread:.2g}")})

@@ -213,7 +213,7 @@ class DecoderKind:
 
     def __init__(self, shape: Sequence[int], **layout: Any):
         self.shape = tuple(int(s) for s in shape)
-        self._cache: dict[Any, torch.Tensor] = {}
+        self._cache: dict[Any, Any] = {}  # patterns, bases, flags: computed once per kind
         self.check()
 
     # ------------------------------------------------------------------ layout
