@@ -579,8 +579,8 @@ def _compiled_sums(layout: RateLayout, tensors: Sequence[LatentTensor], workspac
     rows = torch.stack([a, b, c if isinstance(c, torch.Tensor) else torch.full_like(a, c)]).float()
     index = workspace.index(layout.numel, noise.device)
     sums = workspace.buffer("sums", channels * points * 3, torch.float64, noise.device)
-    if not native_train(noise).noisy_histogram(layout.host_parts(tensors), host(noise), host(rows), host(index),
-                                               host(sums), points, SAMPLE_BLOCK, stride, pick,
+    if not native_train(noise).noisy_histogram(layout.host_parts(tensors), host(noise), host(rows), host(index, True),
+                                               host(sums, True), points, SAMPLE_BLOCK, stride, pick,
                                                torch.get_num_threads()):
         return None
     sums = sums.view(channels, points, 3).to(noise.dtype)

@@ -43,9 +43,12 @@ def native_train(*tensors: torch.Tensor):
     return _native_train
 
 
-def host(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor's memory (no copy), for the compiled loops."""
-    return t.detach().numpy()
+def host(t: torch.Tensor, writable: bool = False) -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory (no copy), for the compiled loops. Read through DLPack:
+    ``Tensor.numpy()`` marks the tensor's storage non-resizable for good, and FSDP2 frees an unsharded parameter by
+    resizing its storage to nothing. ``writable`` (the loops' own output buffers) through ``numpy()``, since NumPy 1.x
+    gives read-only arrays from DLPack."""
+    return t.detach().numpy() if writable else np.from_dlpack(t.detach())
 
 
 def round_latent(u: torch.Tensor) -> torch.Tensor:
@@ -108,7 +111,7 @@ class _QuantizeSTE(torch.autograd.Function):
         if ctx.compiled:  # one pass; the backward reads x - z from x and z
             x = torch.empty_like(z)
             native_train(z).quantize([(host(z).reshape(-1), *kind.compiled_steps())], host(params.exp()),
-                                     host(params), host(x), torch.get_num_threads())
+                                     host(params), host(x, True), torch.get_num_threads())
             ctx.save_for_backward(x, z)
             return x
         log_step, shift = kind.params_split(params)
@@ -123,7 +126,7 @@ class _QuantizeSTE(torch.autograd.Function):
             x, z = ctx.saved_tensors
             sums = torch.empty(kind.num_groups, dtype=torch.float64)
             native_train(z).group_sums([(host(z).reshape(-1), kind.flat_pattern(), -1)], host(grad.contiguous()),
-                                       host(x), host(sums), torch.get_num_threads())
+                                       host(x), host(sums, True), torch.get_num_threads())
             grad_log_step = sums.to(z.dtype)
         elif ctx.compiled:  # the compiled forward, a gradient it cannot read
             x, z = ctx.saved_tensors
@@ -157,7 +160,7 @@ class _QuantizeTogether(torch.autograd.Function):
         if compiled is not None:  # one pass over the tensors where they are; the backward reads x - z from x and z
             x = flat.new_empty(sum(z.numel() for z in zs))
             compiled.quantize([(host(z).reshape(-1), *p) for z, p in zip(zs, patterns)], host(flat.exp()), host(flat),
-                              host(x), torch.get_num_threads())
+                              host(x, True), torch.get_num_threads())
             ctx.save_for_backward(x, *zs)
             return x
         z = torch.cat([t.reshape(-1) for t in zs])
@@ -174,7 +177,7 @@ class _QuantizeTogether(torch.autograd.Function):
             x, *zs = ctx.saved_tensors
             per_param = torch.empty(sum(ctx.sizes), dtype=torch.float64)
             native_train(x).group_sums([(host(z).reshape(-1), *p) for z, p in zip(zs, ctx.patterns)], host(grad),
-                                       host(x), host(per_param), torch.get_num_threads())  # shifts get 0
+                                       host(x), host(per_param, True), torch.get_num_threads())  # shifts get 0
         else:
             diff, step_index = ctx.saved_tensors
             per_param = torch.bincount(step_index, grad * diff, minlength=sum(ctx.sizes))  # shifts get 0
