@@ -18,6 +18,7 @@ Writes ``benchmarks/results/step_time.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -46,13 +47,20 @@ def seconds_per_step(kind: str, base, data, steps: int, out: str) -> float:
     epr = EPRModel.from_base(model, EPRConfig(rate_lambda=0.5, init_step_ratio=1 / 64))
     trainer = EPRTrainer(model=epr, reference_model=base if lp != "off" else None, train_dataset=data,
                          args=EPRTrainingArguments(label_preservation=lp, **common))
-    compiled = decoders._native_train
-    if kind == UNCOMPILED:  # what HF_EPR_NATIVE=0 (or an install without a C compiler) runs
-        decoders._native_train = None
-    try:
+    with training_loops(compiled=kind != UNCOMPILED):
         return trainer.train().metrics["train_runtime"] / steps
+
+
+@contextlib.contextmanager
+def training_loops(compiled: bool):
+    """hf_epr's compiled training loops as installed, or ruled out as ``HF_EPR_NATIVE=0`` (or an install without a C
+    compiler) rules them out, for the duration."""
+    installed = decoders._native_train
+    decoders._native_train = installed if compiled else None
+    try:
+        yield
     finally:
-        decoders._native_train = compiled
+        decoders._native_train = installed
 
 
 OFF, DEFAULT = "epr (label preservation off)", "epr (default label preservation)"
@@ -113,18 +121,19 @@ def main() -> None:
         base = AutoModelForImageClassification.from_config(config()).eval()
         n = EPRModel.from_base(copy.deepcopy(base)).num_compressed_parameters
         default = entropy.SAMPLED_LATENTS
-        compiled = decoders._native_train
         # sums from a strided subset above SAMPLED_LATENTS (the default), from all; and on torch operations alone
-        runs = [(default, compiled), (n, compiled)] + ([(default, None)] if compiled is not None else [])
-        for sample, loops in runs:
-            entropy.SAMPLED_LATENTS, decoders._native_train = sample, loops
+        runs = [(default, True), (n, True)] + ([(default, False)] if decoders._native_train is not None else [])
+        for sample, compiled in runs:
+            entropy.SAMPLED_LATENTS = sample
             try:
-                rate, value_spread, grad_spread = rate_term_seconds(base, 4 if args.quick else 12)
+                with training_loops(compiled):
+                    used = decoders._native_train is not None  # not where they were not built
+                    rate, value_spread, grad_spread = rate_term_seconds(base, 4 if args.quick else 12)
             finally:
-                entropy.SAMPLED_LATENTS, decoders._native_train = default, compiled
+                entropy.SAMPLED_LATENTS = default
             throughput.append({"model": name, "latents_M": round(n / 1e6, 2),
                                "sums_from": f"1/{-(-n // sample)}" if sample < n else "all",
-                               "compiled_loops": loops is not None,
+                               "compiled_loops": used,
                                "rate_term_ms": round(1000 * rate, 1), "M_latents_per_s": round(n / rate / 1e6, 1),
                                "value_rel_std": float(f"{value_spread:.2g}"),
                                "step_size_grad_rel_std": float(f"{grad_spread:.2g}")})

@@ -107,11 +107,12 @@ class _QuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, params: torch.Tensor, kind: "DecoderKind") -> torch.Tensor:
-        ctx.kind, ctx.compiled = kind, native_train(z, params) is not None
-        if ctx.compiled:  # one pass; the backward reads x - z from x and z
+        compiled = native_train(z, params)
+        ctx.kind, ctx.compiled = kind, compiled is not None
+        if compiled is not None:  # one pass; the backward reads x - z from x and z
             x = torch.empty_like(z)
-            native_train(z).quantize([(host(z).reshape(-1), *kind.compiled_steps())], host(params.exp()),
-                                     host(params), host(x, True), torch.get_num_threads())
+            compiled.quantize([(host(z).reshape(-1), *kind.compiled_steps())], host(params.exp()), host(params),
+                              host(x, True), torch.get_num_threads())
             ctx.save_for_backward(x, z)
             return x
         log_step, shift = kind.params_split(params)
@@ -122,15 +123,17 @@ class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         kind = ctx.kind
-        if ctx.compiled and native_train(grad.contiguous()) is not None:
+        if ctx.compiled:
             x, z = ctx.saved_tensors
-            sums = torch.empty(kind.num_groups, dtype=torch.float64)
-            native_train(z).group_sums([(host(z).reshape(-1), kind.flat_pattern(), -1)], host(grad.contiguous()),
-                                       host(x), host(sums, True), torch.get_num_threads())
-            grad_log_step = sums.to(z.dtype)
-        elif ctx.compiled:  # the compiled forward, a gradient it cannot read
-            x, z = ctx.saved_tensors
-            grad_log_step = kind.reduce_to_groups(grad * (x - z), "sum")
+            grad = grad.contiguous()
+            compiled = native_train(grad)
+            if compiled is not None:
+                sums = torch.empty(kind.num_groups, dtype=torch.float64)
+                compiled.group_sums([(host(z).reshape(-1), kind.flat_pattern(), -1)], host(grad), host(x),
+                                    host(sums, True), torch.get_num_threads())
+                grad_log_step = sums.to(z.dtype)
+            else:  # a gradient the compiled loops cannot read
+                grad_log_step = kind.reduce_to_groups(grad * (x - z), "sum")
         else:
             (diff,) = ctx.saved_tensors
             if kind.num_groups == 1:  # a dot product
@@ -175,14 +178,14 @@ class _QuantizeTogether(torch.autograd.Function):
         grad, sizes = grad.contiguous(), [math.prod(s) for s in ctx.shapes]
         if ctx.patterns is not None:
             x, *zs = ctx.saved_tensors
-            per_param = torch.empty(sum(ctx.sizes), dtype=torch.float64)
+            dtype, per_param = x.dtype, torch.empty(sum(ctx.sizes), dtype=torch.float64)
             native_train(x).group_sums([(host(z).reshape(-1), *p) for z, p in zip(zs, ctx.patterns)], host(grad),
                                        host(x), host(per_param, True), torch.get_num_threads())  # shifts get 0
         else:
             diff, step_index = ctx.saved_tensors
-            per_param = torch.bincount(step_index, grad * diff, minlength=sum(ctx.sizes))  # shifts get 0
+            dtype, per_param = diff.dtype, torch.bincount(step_index, grad * diff, minlength=sum(ctx.sizes))
         grads = [g.view(shape) for g, shape in zip(grad.split(sizes), ctx.shapes)]
-        return (None, None, None, None, *grads, *per_param.to(torch.float32).split(ctx.sizes))
+        return (None, None, None, None, *grads, *per_param.to(dtype).split(ctx.sizes))
 
 
 SMALL_TENSOR = 1 << 16  # on the CPU, tensors up to this many elements are handled together (decoding, training rate)
