@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py            # CUDA: default configs, 1,000 labels, batch 64 of 224 x 224 images
     python benchmarks/gpu_check.py --small    # anywhere (also CPU): tiny configs, the same code paths
+    python benchmarks/gpu_check.py --profile  # only where a step's time goes: gpu_check_profile.{md,json}
 
 Per model (random init, random images): the plain Trainer step against EPRTrainer steps (label preservation off and
 auto; fp32 and bf16 mixed precision), the rate term alone, then on the device
@@ -31,6 +32,8 @@ from transformers import (AutoModelForImageClassification, ConvNextConfig, ResNe
 
 from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import TensorRows
+from hf_epr import entropy
+from hf_epr.format import decoders
 from hf_epr.results import markdown_table
 
 from common import save_results
@@ -210,6 +213,112 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
     return rows, checks
 
 
+def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
+    """Where one training step's time goes (manual loop, AdamW, lambda 0.5): wall time of the plain model's step,
+    EPR's step, its rate term alone, and two variants of EPR's step: every tensor decoded and placed together (the
+    accelerator's small-tensor limit raised), and the rate's sums as bincounts (two host synchronizations each);
+    from the profiler, the kernels launched and the GPU's busy time per step, host-device synchronizations (sites
+    named by file and line), and the top operations of EPR's step and rate."""
+    import warnings
+    from torch.profiler import ProfilerActivity, profile
+
+    full, small = MODELS[name]
+    size, batch = (32, 8) if args.small else (224, 64)
+    torch.manual_seed(0)
+    base = AutoModelForImageClassification.from_config((small if args.small else full)())
+    epr = EPRModel.from_base(copy.deepcopy(base), EPRConfig(rate_lambda=0.5)).to(device).train()
+    x = torch.randn(batch, 3, size, size, device=device)
+    # the same with every tensor decoded and placed together: the accelerator's small-tensor limit raised while its
+    # first forward plans the batches, then restored
+    limit, decoders.SMALL_TENSOR_ACCELERATOR = decoders.SMALL_TENSOR_ACCELERATOR, 1 << 40
+    try:
+        epr_batched = EPRModel.from_base(copy.deepcopy(base), EPRConfig(rate_lambda=0.5)).to(device).train()
+        epr_batched(pixel_values=x[:2], return_bits=True)
+    finally:
+        decoders.SMALL_TENSOR_ACCELERATOR = limit
+    base = base.to(device).train()
+    y = torch.randint(0, base.config.num_labels, (batch,), device=device)
+    n = epr.num_compressed_parameters
+    rows, text = [], ""
+    for bf16 in (False, True):
+        def plain_step(opt=torch.optim.AdamW(base.parameters(), lr=1e-4)):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                loss = base(pixel_values=x, labels=y).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def epr_step(opt=torch.optim.AdamW(epr.parameters(), lr=1e-4)):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                out, bits = epr(pixel_values=x, labels=y, return_bits=True)
+                loss = out.loss + 0.5 * bits / n
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def batched_step(opt=torch.optim.AdamW(epr_batched.parameters(), lr=1e-4)):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                out, bits = epr_batched(pixel_values=x, labels=y, return_bits=True)
+                loss = out.loss + 0.5 * bits / n
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def bincount_step():
+            saved, entropy.sums_on_device = entropy.sums_on_device, lambda device: False
+            try:
+                epr_step()
+            finally:
+                entropy.sums_on_device = saved
+
+        def rate():
+            (epr.bits() / n).backward()
+            epr.zero_grad(set_to_none=True)
+
+        label = "bf16" if bf16 else "fp32"
+        for part, fn in (("plain step", plain_step), ("EPR step", epr_step), ("rate fwd+bwd", rate),
+                         ("EPR step, all tensors batched", batched_step), ("EPR step, bincount sums", bincount_step)):
+            for _ in range(3):
+                fn()
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            sync()
+            ms = 1000 * (time.perf_counter() - t) / args.steps
+            syncs = []
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    fn()
+                torch.cuda.set_sync_debug_mode(0)
+                for w in caught:
+                    syncs.append(f"{Path(w.filename).name}:{w.lineno}")
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for _ in range(2):
+                    fn()
+                sync()
+            events = prof.key_averages()
+            kernels = [e for e in events if e.device_type.name == "CUDA"]
+            gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000 / 2
+            launches = sum(e.count for e in kernels) / 2
+            rows.append({"model": name, "precision": label, "part": part, "wall_ms": round(ms, 2),
+                         "gpu_busy_ms": round(gpu_ms, 2), "kernels": int(launches), "syncs": len(syncs),
+                         "sync_sites": " ".join(sorted(set(syncs)))[:200]})
+            log(f"profile {name} {label} {part}: {rows[-1]}")
+            if part in ("EPR step", "rate fwd+bwd"):
+                sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+                text += (f"\n### {name} {label} {part}: by device time\n\n```\n"
+                         + events.table(sort_by=sort, row_limit=18, max_name_column_width=60) + "```\n")
+                if device == "cuda":
+                    text += (f"\n### {name} {label} {part}: by host time\n\n```\n"
+                             + events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
+                             + "```\n")
+    return rows, text
+
+
 def fsdp_worker(out: str, small: bool) -> None:
     """Run under ``accelerate launch`` with FSDP2: a few EPRTrainer steps, save, and the latents' digest."""
     torch.manual_seed(0)
@@ -252,6 +361,8 @@ def main() -> None:
                         help="models that also get the evaluate/save/load checks (default: all)")
     parser.add_argument("--no-auto", action="store_true", help="skip the label-preservation 'auto' runs")
     parser.add_argument("--out", default=None, help="also copy the results here (a folder)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile the steps (plain, EPR, decoders, rate) of --models: gpu_check_profile.md")
     parser.add_argument("--fsdp-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fsdp_worker:
@@ -259,28 +370,46 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     log(f"device: {name}; torch {torch.__version__}")
-    steps, checks = [], []
     t0 = time.time()
+    if args.profile:
+        rows, details = [], ""
+        for model in args.models:
+            r, d = profile_model(model, args, device)
+            rows, details = rows + r, details + d
+        text = (f"Device: {name}; torch {torch.__version__}; batch {8 if args.small else 64}, {args.steps} timed steps; "
+                f"wall {time.time() - t0:.0f} s\n\n" + markdown_table(rows) + "\n" + details)
+        save_results("gpu_check_profile", text, {"device": name, "rows": rows}, quick=args.small)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            Path(args.out, "gpu_check_profile.md").write_text(text)
+        return
+    steps, checks = [], []
     with tempfile.TemporaryDirectory() as scratch:
+        fsdp: dict = {}
+
+        def report() -> tuple[str, dict]:
+            text = (f"Device: {name}; torch {torch.__version__}; batch {8 if args.small else 64}, "
+                    f"{args.steps} timed steps after {args.warmup}; wall {time.time() - t0:.0f} s\n\n"
+                    "## Step time: EPRTrainer vs plain Trainer\n\n" + markdown_table(steps)
+                    + "\n\n## Rate term, coded size, saving and loading\n\n" + markdown_table(checks)
+                    + "\n\n## FSDP2 through accelerate (one process)\n\n"
+                    + markdown_table([{k: v for k, v in fsdp.items() if k != "stderr"}]) + "\n")
+            data = {"device": name, "torch": torch.__version__, "steps": steps, "checks": checks, "fsdp2": fsdp,
+                    "args": vars(args)}
+            if args.out:  # after every model: a run stopped early still leaves what it measured
+                os.makedirs(args.out, exist_ok=True)
+                Path(args.out, "gpu_check.md").write_text(text)
+                Path(args.out, "gpu_check.json").write_text(json.dumps(data, indent=1, default=str))
+            return text, data
+
         for model in args.models:
             rows, check = check_model(model, args, device, scratch)
             steps += rows
             checks.append(check)
+            report()
         fsdp = check_fsdp2(scratch, args.small)
         log(f"fsdp2: {fsdp.get('errors') or fsdp}")
-    text = (f"Device: {name}; torch {torch.__version__}; batch {8 if args.small else 64}, "
-            f"{args.steps} timed steps after {args.warmup}; wall {time.time() - t0:.0f} s\n\n"
-            "## Step time: EPRTrainer vs plain Trainer\n\n" + markdown_table(steps)
-            + "\n\n## Rate term, coded size, saving and loading\n\n" + markdown_table(checks)
-            + "\n\n## FSDP2 through accelerate (one process)\n\n"
-            + markdown_table([{k: v for k, v in fsdp.items() if k != "stderr"}]) + "\n")
-    data = {"device": name, "torch": torch.__version__, "steps": steps, "checks": checks, "fsdp2": fsdp,
-            "args": vars(args)}
-    save_results("gpu_check", text, data, quick=args.small)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        Path(args.out, "gpu_check.md").write_text(text)
-        Path(args.out, "gpu_check.json").write_text(json.dumps(data, indent=1, default=str))
+        save_results("gpu_check", *report(), quick=args.small)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,26 @@ def test_small_tensors_placed_together_give_the_rate_of_tensors_placed_one_by_on
     assert a == pytest.approx(b, rel=1e-6)
     assert len(grads_a) == len(grads_b) and all(torch.allclose(g, h, rtol=1e-4, atol=1e-6)
                                                 for g, h in zip(grads_a, grads_b))
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_training_rate_sums_without_bincount_equal_the_bincount_sums(sampled, monkeypatch):
+    """On accelerators the training rate's per-cell sums are index_add_s (no host synchronization): forced here on
+    the CPU, the torch operations give the rate and gradients of their bincount sums, for the same draws."""
+    monkeypatch.setattr(decoders, "_native_train", None)
+    if sampled:
+        monkeypatch.setattr(entropy, "SAMPLED_LATENTS", 700)
+        monkeypatch.setattr(entropy, "SAMPLE_BLOCK", 8)
+    model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(init_step_ratio=0.05)).train()
+    results = []
+    for on_device in (False, True):
+        monkeypatch.setattr(entropy, "sums_on_device", lambda device: on_device)
+        torch.manual_seed(0)
+        model.zero_grad(set_to_none=True)
+        rate = noise_rate(model.density, model.latent_tensors(), workspace=entropy.RateWorkspace())
+        rate.backward()
+        results.append((float(rate.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (a, grads_a), (b, grads_b) = results
+    assert a == pytest.approx(b, rel=1e-6)
+    assert len(grads_a) == len(grads_b) and all(torch.allclose(g, h, rtol=1e-4, atol=1e-6)
+                                                for g, h in zip(grads_a, grads_b))
