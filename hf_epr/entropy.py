@@ -203,6 +203,20 @@ class RateLayout:
             else:
                 target.add_(noise[where].view(t.z.shape), alpha=c)
 
+    def bounds(self, tensors: Sequence[LatentTensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel: the least and the greatest latent (weight units; NaN if one is NaN). The small tensors
+        together (two scatter reductions over their elements), each large one on its own."""
+        large = [tensors[i].kind.group_bounds(tensors[i].z.detach()) for i in self.large]
+        if not self.small:  # every tensor on its own, in tensor (so channel) order
+            return tuple(torch.cat([b[j] for b in large]) for j in (0, 1))
+        z = torch.cat([tensors[i].z.detach().reshape(-1) for i in self.small])
+        channels = len(self.step_index)
+        lo = z.new_full((channels,), math.inf).scatter_reduce_(0, self.small_channel, z, "amin")
+        hi = z.new_full((channels,), -math.inf).scatter_reduce_(0, self.small_channel, z, "amax")
+        for i, (a, b) in zip(self.large, large):
+            lo[self.channels[i]], hi[self.channels[i]] = a, b
+        return lo, hi
+
     def host_parts(self, tensors: Sequence[LatentTensor]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(values, channel pattern) of every tensor in placement order, as NumPy arrays for the compiled pass: the
         values share the CPU tensors' memory (a view is made again when a tensor's memory has moved); the pattern
@@ -229,12 +243,11 @@ class RateLayout:
             index[self.parts[i]].view(t.z.shape).add_(t.kind.group_view(offsets[self.channels[i]]))
 
 
-def _unit_bounds(tensors: Sequence[LatentTensor], step: torch.Tensor,
-                 shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_bounds(tensors: Sequence[LatentTensor], step: torch.Tensor, shift: torch.Tensor,
+                 layout: RateLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel: the least and the greatest latent in integer units, (z - shift) / step (step > 0 keeps the
-    order): one pass over each tensor."""
-    bounds = [t.kind.group_bounds(t.z.detach()) for t in tensors]
-    return tuple((torch.cat([b[i] for b in bounds]) - shift) / step for i in (0, 1))
+    order)."""
+    return tuple((b - shift) / step for b in layout.bounds(tensors))
 
 
 @dataclass
@@ -275,7 +288,7 @@ def latent_histogram(tensors: Sequence[LatentTensor], resolution: int = 1, max_b
     log_step, shift = layout.steps_and_shifts(tensors)
     step, shift = log_step.double().exp(), shift.double()
     requested = resolution
-    lo, hi = (torch.round(b) for b in _unit_bounds(tensors, step, shift))
+    lo, hi = (torch.round(b) for b in _unit_bounds(tensors, step, shift, layout))
     width = integers_per_bin(lo, hi, max_bins)
     channels = lo.numel()
     origin = lo - width - 0.5  # cell 0 starts half an integer below the spare bin
@@ -390,10 +403,10 @@ class RateGrid:
 
     @classmethod
     @torch.no_grad()
-    def spanning(cls, tensors: Sequence[LatentTensor], step: torch.Tensor, shift: torch.Tensor, resolution: int,
-                 max_bins: int, dtype: torch.dtype) -> "RateGrid":
+    def spanning(cls, tensors: Sequence[LatentTensor], layout: RateLayout, step: torch.Tensor, shift: torch.Tensor,
+                 resolution: int, max_bins: int, dtype: torch.dtype) -> "RateGrid":
         """A grid around every channel's rounded values, with ``GRID_MARGIN`` spare bins and room for the noise."""
-        bounds = torch.cat(_unit_bounds(tensors, step, shift))
+        bounds = torch.cat(_unit_bounds(tensors, step, shift, layout))
         lo, hi = torch.round(bounds.nan_to_num(0.0, 0.0, 0.0)).long().chunk(2)
         width = integers_per_bin(lo, hi, max_bins)
         # one host sync for the grid's size and the finiteness check
@@ -513,7 +526,7 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         grid = workspace.usable_grid(channels, resolution, max_bins, device)
         for fresh in ((False, True) if grid is not None else (True,)):
             if fresh:
-                grid = workspace.grid = RateGrid.spanning(tensors, step, shift, resolution, max_bins, dtype)
+                grid = workspace.grid = RateGrid.spanning(tensors, layout, step, shift, resolution, max_bins, dtype)
             # grid position of every noisy value, (z - shift) / step + noise - origin in grid spacings, with its
             # channel's coefficients: z * a + b + noise * c
             c = grid.points_per_unit

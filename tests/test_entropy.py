@@ -212,3 +212,23 @@ def test_training_rate_sums_without_bincount_equal_the_bincount_sums(sampled, mo
     assert a == pytest.approx(b, rel=1e-6)
     assert len(grads_a) == len(grads_b) and all(torch.allclose(g, h, rtol=1e-4, atol=1e-6)
                                                 for g, h in zip(grads_a, grads_b))
+
+
+@pytest.mark.parametrize("family", ["convnext", "resnet"])
+def test_channel_bounds_of_tensors_placed_together_equal_each_tensor_s_own(family, monkeypatch):
+    """The training grid's per-channel bounds: the small tensors reduced together (scatter reductions), the large
+    ones on their own, equal every tensor's own group bounds in channel order; a NaN latent shows in its channel."""
+    model = EPRModel.from_base(tiny_model(family), EPRConfig(init_step_ratio=0.05))
+    tensors = model.latent_tensors()
+    sizes = sorted(t.z.numel() for t in tensors)
+    monkeypatch.setattr(decoders, "SMALL_TENSOR", sizes[len(sizes) // 2])
+    layout = entropy.RateLayout(tensors, batched=True)
+    assert layout.small and layout.large
+    expected = [t.kind.group_bounds(t.z.detach()) for t in tensors]
+    lo, hi = layout.bounds(tensors)
+    assert torch.equal(lo, torch.cat([b[0] for b in expected])) and torch.equal(hi, torch.cat([b[1] for b in expected]))
+    with torch.no_grad():
+        tensors[layout.small[0]].z.view(-1)[0] = float("nan")
+    lo, hi = layout.bounds(tensors)
+    channel = layout.channels[layout.small[0]].start + int(tensors[layout.small[0]].kind.group_index()[0])
+    assert torch.isnan(lo[channel]) and torch.isnan(hi[channel]) and int(torch.isnan(lo).sum()) == 1
