@@ -73,20 +73,33 @@ def sync() -> None:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of the steps after ``warmup`` (device synchronized at both ends only)."""
+    """Wall time of the steps after ``warmup`` (device synchronized at both ends only), and for an EPR model the
+    training rate's grids built during them (each such step pays the bounds and, usually, a second placement)."""
 
     def __init__(self, warmup: int):
         self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+        self.builds: list[int] = []
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.warmup:
             sync()
             self.start = time.perf_counter()
+            self.builds.append(self._builds(model))
         elif state.global_step > self.warmup:
             self.steps += 1
             if state.global_step == args.max_steps:
                 sync()
                 self.end = time.perf_counter()
+                self.builds.append(self._builds(model))
+
+    @staticmethod
+    def _builds(model) -> int:
+        workspace = getattr(getattr(model, "module", model), "rate_workspace", None)
+        return workspace.builds if workspace is not None else -1
+
+    @property
+    def grid_builds(self) -> int | None:
+        return self.builds[1] - self.builds[0] if len(self.builds) == 2 and self.builds[0] >= 0 else None
 
     @property
     def ms_per_step(self) -> float:
@@ -114,7 +127,7 @@ def run_trainer(kind: str, base, data, batch: int, steps: int, warmup: int, bf16
                              args=EPRTrainingArguments(label_preservation=kind, **common), train_dataset=data,
                              callbacks=[timer])
     trainer.train()
-    return trainer, timer.ms_per_step
+    return trainer, timer
 
 
 def rate_term_ms(model: EPRModel, calls: int) -> float:
@@ -159,12 +172,14 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
     for kind, bf16 in variants:
         label = f"{kind} {'bf16' if bf16 else 'fp32'}"
         try:
-            trainer, ms = run_trainer(kind, base, data, batch, args.steps, args.warmup, bf16,
-                                      os.path.join(scratch, f"{name}-{kind}-{bf16}"))
+            trainer, timer = run_trainer(kind, base, data, batch, args.steps, args.warmup, bf16,
+                                         os.path.join(scratch, f"{name}-{kind}-{bf16}"))
+            ms = timer.ms_per_step
             if kind == "plain":
                 plain[bf16] = ms
             rows.append({"model": name, "run": label, "ms_per_step": round(ms, 2),
-                         "ratio_vs_plain": round(ms / plain[bf16], 3) if bf16 in plain else None})
+                         "ratio_vs_plain": round(ms / plain[bf16], 3) if bf16 in plain else None,
+                         "grids_built": timer.grid_builds})
             if kind == "off" and not bf16:
                 kept = trainer
             log(f"{name} {label}: {ms:.1f} ms/step")

@@ -427,6 +427,8 @@ class RateWorkspace:
 
     def __init__(self) -> None:
         self.grid: RateGrid | None = None
+        self.builds = 0  # grids built so far (a step that builds one pays a pass over the bounds and, usually, a
+        # placement pass on the grid it replaces)
         self.index_pending = False  # the latest cell index is saved for a backward that has not run yet
         self._buffers: dict[str, torch.Tensor] = {}
         self._layout: RateLayout | None = None
@@ -527,6 +529,7 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         for fresh in ((False, True) if grid is not None else (True,)):
             if fresh:
                 grid = workspace.grid = RateGrid.spanning(tensors, layout, step, shift, resolution, max_bins, dtype)
+                workspace.builds += 1
             # grid position of every noisy value, (z - shift) / step + noise - origin in grid spacings, with its
             # channel's coefficients: z * a + b + noise * c
             c = grid.points_per_unit

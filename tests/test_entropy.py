@@ -132,9 +132,9 @@ def test_training_rate_keeps_its_grid_and_buffers_without_changing_the_rate():
     for moved in (1.0, 1.2, 4.0):  # inside the kept grid, then beyond it
         with torch.no_grad():
             z.mul_(moved)
-        built = kept.grid
+        built, builds = kept.grid, kept.builds
         a, b = rate_and_grads(kept, 1), rate_and_grads(entropy.RateWorkspace(), 1)
-        assert (kept.grid is built) == (moved != 4.0)
+        assert (kept.grid is built) == (moved != 4.0) and kept.builds == builds + (moved == 4.0)  # counted
         assert a[0] == pytest.approx(b[0], rel=1e-5)
         assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a[1:], b[1:]))
     z.grad = params.grad = None
