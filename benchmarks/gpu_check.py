@@ -30,9 +30,8 @@ import torch
 from transformers import (AutoModelForImageClassification, ConvNextConfig, ResNetConfig, Trainer, TrainerCallback,
                           TrainingArguments, ViTConfig)
 
-from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
+from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments, entropy
 from hf_epr.data import TensorRows
-from hf_epr import entropy
 from hf_epr.format import decoders
 from hf_epr.results import markdown_table
 
@@ -78,7 +77,7 @@ class StepTimer(TrainerCallback):
 
     def __init__(self, warmup: int):
         self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
-        self.builds: list[int] = []
+        self.builds: list[int | None] = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.warmup:
@@ -93,13 +92,14 @@ class StepTimer(TrainerCallback):
                 self.builds.append(self._builds(model))
 
     @staticmethod
-    def _builds(model) -> int:
+    def _builds(model) -> int | None:
         workspace = getattr(getattr(model, "module", model), "rate_workspace", None)
-        return workspace.builds if workspace is not None else -1
+        return workspace.builds if workspace is not None else None
 
     @property
     def grid_builds(self) -> int | None:
-        return self.builds[1] - self.builds[0] if len(self.builds) == 2 and self.builds[0] >= 0 else None
+        """Grids built during the timed steps (None for a model without a training rate)."""
+        return self.builds[1] - self.builds[0] if len(self.builds) == 2 and None not in self.builds else None
 
     @property
     def ms_per_step(self) -> float:
@@ -256,28 +256,25 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
     n = epr.num_compressed_parameters
     rows, text = [], ""
     for bf16 in (False, True):
-        def plain_step(opt=torch.optim.AdamW(base.parameters(), lr=1e-4)):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                loss = base(pixel_values=x, labels=y).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        def training_step(model, rate: bool):
+            """One AdamW step of ``model`` (its own optimizer, new for each precision); with ``rate``, an EPR
+            model's loss plus 0.5 x bits per latent."""
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def epr_step(opt=torch.optim.AdamW(epr.parameters(), lr=1e-4)):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                out, bits = epr(pixel_values=x, labels=y, return_bits=True)
-                loss = out.loss + 0.5 * bits / n
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            def step():
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                    if rate:
+                        out, bits = model(pixel_values=x, labels=y, return_bits=True)
+                        loss = out.loss + 0.5 * bits / n
+                    else:
+                        loss = model(pixel_values=x, labels=y).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return step
 
-        def batched_step(opt=torch.optim.AdamW(epr_batched.parameters(), lr=1e-4)):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                out, bits = epr_batched(pixel_values=x, labels=y, return_bits=True)
-                loss = out.loss + 0.5 * bits / n
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        plain_step, epr_step = training_step(base, rate=False), training_step(epr, rate=True)
+        batched_step = training_step(epr_batched, rate=True)
 
         def bincount_step():
             saved, entropy.sums_on_device = entropy.sums_on_device, lambda device: False
@@ -311,14 +308,15 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
                 for w in caught:
                     syncs.append(f"{Path(w.filename).name}:{w.lineno}")
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            profiled = 2  # calls under the profiler
             with profile(activities=activities) as prof:
-                for _ in range(2):
+                for _ in range(profiled):
                     fn()
                 sync()
             events = prof.key_averages()
             kernels = [e for e in events if e.device_type.name == "CUDA"]
-            gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000 / 2
-            launches = sum(e.count for e in kernels) / 2
+            gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000 / profiled
+            launches = sum(e.count for e in kernels) / profiled
             rows.append({"model": name, "precision": label, "part": part, "wall_ms": round(ms, 2),
                          "gpu_busy_ms": round(gpu_ms, 2), "kernels": int(launches), "syncs": len(syncs),
                          "sync_sites": " ".join(sorted(set(syncs)))[:200]})
@@ -377,7 +375,8 @@ def main() -> None:
     parser.add_argument("--no-auto", action="store_true", help="skip the label-preservation 'auto' runs")
     parser.add_argument("--out", default=None, help="also copy the results here (a folder)")
     parser.add_argument("--profile", action="store_true",
-                        help="only profile the steps (plain, EPR, decoders, rate) of --models: gpu_check_profile.md")
+                        help="only profile the steps of --models (plain, EPR, its rate, two EPR variants): "
+                             "gpu_check_profile.md")
     parser.add_argument("--fsdp-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fsdp_worker:
@@ -391,8 +390,8 @@ def main() -> None:
         for model in args.models:
             r, d = profile_model(model, args, device)
             rows, details = rows + r, details + d
-        text = (f"Device: {name}; torch {torch.__version__}; batch {8 if args.small else 64}, {args.steps} timed steps; "
-                f"wall {time.time() - t0:.0f} s\n\n" + markdown_table(rows) + "\n" + details)
+        text = (f"Device: {name}; torch {torch.__version__}; batch {8 if args.small else 64}, "
+                f"{args.steps} timed steps; wall {time.time() - t0:.0f} s\n\n" + markdown_table(rows) + "\n" + details)
         save_results("gpu_check_profile", text, {"device": name, "rows": rows}, quick=args.small)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
