@@ -4,11 +4,13 @@ size under the stored tables, per architecture family.
     python benchmarks/core_codec.py            # full: ResNets of ~1 M, ~5 M, ResNet-50 (25 M), ViT-B/16 (86 M)
     python benchmarks/core_codec.py --quick    # smoke run (small models only)
 
-Each load runs in a fresh subprocess (so peak RSS is that load's own); ``uncompiled_load_s`` is the same plain load
-without hf_epr's compiled decoder (``HF_EPR_NATIVE=0``: constriction and NumPy, as where no C compiler built it). Models are randomly initialised and
-wrapped, for two kinds of file: "trained-like" with a coarse step (``init_step_ratio=0.25``, about 4 bits per
-parameter, the entropy of a model after EPR training, entropy coded) and "escape-heavy" with the default fine
-step (about 13 bits per parameter over ranges wider than a table, as right after wrapping: bit-packed).
+Each load runs in a fresh subprocess (so peak RSS is that load's own), best of three rounds in which the
+compressed, fp32 and wrapper loads take turns; ``uncompiled_load_s`` is the same plain load without hf_epr's
+compiled decoder (``HF_EPR_NATIVE=0``: constriction and NumPy, as where no C compiler built it). Models are
+randomly initialised and wrapped, for two kinds of file: "trained-like" with a coarse step
+(``init_step_ratio=0.25``, about 4 bits per parameter, the entropy of a model after EPR training, entropy coded)
+and "escape-heavy" with the default fine step (about 13 bits per parameter over ranges wider than a table, as right
+after wrapping: bit-packed).
 Writes ``benchmarks/results/core_codec.{md,json}``.
 """
 
@@ -75,14 +77,22 @@ print(json.dumps({"load_s": t_load, "entropy_decode_s": t_decode, "symbols": n,
 """
 
 
-def measure_load(kind: str, folder: str, repeats: int, compiled: bool = True) -> dict:
-    """Best-of-``repeats`` load in fresh interpreters (``compiled=False``: without hf_epr's compiled decoder)."""
-    runs, env = [], {**os.environ, "HF_EPR_NATIVE": "1" if compiled else "0"}
+def load_once(kind: str, folder: str, compiled: bool = True) -> dict:
+    """One load in a fresh interpreter (``compiled=False``: without hf_epr's compiled decoder)."""
+    env = {**os.environ, "HF_EPR_NATIVE": "1" if compiled else "0"}
+    out = subprocess.run([sys.executable, "-c", LOAD, kind, folder], capture_output=True, text=True, check=True,
+                         env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_loads(loads: dict[str, tuple[str, str]], repeats: int) -> dict[str, dict]:
+    """Best of ``repeats`` rounds of each (kind, folder) load, the rounds interleaved: a slow spell of a shared
+    machine slows every kind alike instead of one."""
+    runs = {name: [] for name in loads}
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", LOAD, kind, folder], capture_output=True, text=True, check=True,
-                             env=env)
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return min(runs, key=lambda r: r["load_s"])
+        for name, (kind, folder) in loads.items():
+            runs[name].append(load_once(kind, folder))
+    return {name: min(r, key=lambda run: run["load_s"]) for name, r in runs.items()}
 
 
 def speed_rows(names: list[str], files: list[str], repeats: int) -> list[dict]:
@@ -103,9 +113,10 @@ def speed_rows(names: list[str], files: list[str], repeats: int) -> list[dict]:
                 EPRCompressedForImageClassification.from_pretrained(epr_dir).save_pretrained(fp32_dir)
                 gc.collect()
                 os.sync()  # nothing left to write back while the loads are timed
-                epr, fp32 = measure_load("epr", epr_dir, repeats), measure_load("fp32", fp32_dir, repeats)
-                wrapper = measure_load("wrapper", epr_dir, repeats)
-                uncompiled = measure_load("epr", epr_dir, 1, compiled=False)
+                best = measure_loads({"epr": ("epr", epr_dir), "fp32": ("fp32", fp32_dir),
+                                      "wrapper": ("wrapper", epr_dir)}, repeats)
+                epr, fp32, wrapper = best["epr"], best["fp32"], best["wrapper"]
+                uncompiled = load_once("epr", epr_dir, compiled=False)
                 report = file_size_report(epr_dir)
                 fp32_bytes = os.path.getsize(os.path.join(fp32_dir, "model.safetensors"))
                 rows.append({

@@ -150,6 +150,39 @@ def test_unpacking_is_the_same_compiled_or_not(width, monkeypatch):
 
 
 @needs_native
+def test_populate_faults_in_a_part_and_keeps_what_it_holds():
+    import mmap
+
+    page = mmap.PAGESIZE
+    buffer = mmap.mmap(-1, 8 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    values = np.frombuffer(buffer, np.uint8)
+    values[page + 3] = 7  # a page already written
+    native.populate(buffer, page + 1, 5 * page + 9)  # unaligned ends
+    native.populate(buffer, -5, 100 * page)  # clipped to the buffer
+    native.populate(buffer, 6 * page, 2 * page)  # empty
+    expected = np.zeros(8 * page, np.uint8)
+    expected[page + 3] = 7
+    np.testing.assert_array_equal(values, expected)
+    with pytest.raises(BufferError):
+        native.populate(b"read only", 0, 4)
+
+
+@needs_native
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident size from /proc")
+def test_populate_makes_the_pages_resident():
+    import mmap
+
+    def resident_anonymous_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+
+    buffer = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    before = resident_anonymous_mb()
+    native.populate(buffer, 0, 48 << 20)
+    assert resident_anonymous_mb() - before > 40
+
+
+@needs_native
 def test_affine_in_place_rounds_as_torch_does():
     rng = np.random.default_rng(0)
     for scale in (3, 1000, 1 << 24, 1 << 30):

@@ -4,11 +4,14 @@
    under the integer tables of a file, read exactly as constriction's Categorical(perfect=False) reads them:
    the left cumulative of symbol i of a table of n counts summing to 2**t is floor(C_i * (2**24 - n) / 2**t) + i,
    with C_i the sum of the counts before i (integer arithmetic only: the same on every machine). Symbols are
-   found through a table of the 12 (at most) leading quantile bits, then a short forward scan.
+   found through a table of the 10 (at most) leading quantile bits (8 KB: the tables of the four streams a
+   thread decodes together stay in L1), then a short forward scan.
 
    unpack_bits: fixed-width little-endian bit-packed integers.
 
    affine_in_place: the affine decoder's int32 -> float32 q * step + shift, in one pass.
+
+   populate: fault in the pages of a part of a fresh buffer, so that threads share out that work too.
 
    All release the GIL, so threads decode streams in parallel. */
 
@@ -19,11 +22,23 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels answer EINVAL and the pages are touched instead */
+#endif
 
 #define PRECISION 24
-#define LUT_BITS 12
+#define LUT_BITS 10
 #ifndef WAYS
 #define WAYS 4 /* streams decoded together by one thread */
+#endif
+#if defined(__GNUC__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
 #endif
 #define GROUP_FIELDS 7 /* counts offset, n_symbols, count, out offset, lo, first and end escape (-1: none) */
 
@@ -125,36 +140,86 @@ static const char *cursor_next(Cursor *c, const Shared *s, int *done) {
     return NULL;
 }
 
-/* Decode one symbol of the current group into its place; 0, or 1 for an escape the file does not hold. */
-static inline int cursor_step(Cursor *c, const int32_t *escapes) {
-    uint64_t state = c->state;
+/* The state a symbol changes, held in locals while a run of symbols is decoded (the compiler keeps them in
+   registers: they cannot alias the output or another stream's cursor). */
+typedef struct {
+    uint64_t state;
+    Py_ssize_t pos;
+    int32_t *out;
+    int64_t e;
+    /* read only */
+    const uint64_t *lut;
+    const uint32_t *left, *words;
+    int lut_shift, escaped;
+    uint32_t escape_symbol;
+    uint32_t lo;
+    int64_t escape_end;
+} Lane;
+
+static inline void lane_load(Lane *l, const Cursor *c) {
+    l->state = c->state;
+    l->pos = c->pos;
+    l->out = c->out;
+    l->e = c->e;
+    l->lut = c->lut;
+    l->left = c->left;
+    l->words = c->words;
+    l->lut_shift = c->lut_shift;
+    l->escaped = c->escape >= 0;
+    l->escape_symbol = c->escape_symbol;
+    l->lo = (uint32_t)c->lo; /* the sum wraps as the int64 one cast to int32 did */
+    l->escape_end = c->escape_end;
+}
+
+static inline void lane_store(const Lane *l, Cursor *c, int64_t decoded) {
+    c->state = l->state;
+    c->pos = l->pos;
+    c->out = l->out;
+    c->e = l->e;
+    c->remaining -= decoded;
+}
+
+/* Decode one symbol of the cursor's current group into its place; 0, or 1 for an escape the file does not hold. */
+static inline int lane_step(Lane *l, const int32_t *escapes) {
+    uint64_t state = l->state;
     uint32_t quantile = (uint32_t)(state & (((uint64_t)1 << PRECISION) - 1));
-    uint64_t entry = c->lut[quantile >> c->lut_shift];
+    uint64_t entry = l->lut[quantile >> l->lut_shift];
     uint32_t sym = (uint32_t)(entry >> 48), low = (uint32_t)entry & 0xFFFFFF;
     uint32_t probability = (uint32_t)(entry >> 24) & 0xFFFFFF;
     if (quantile - low >= probability) { /* the slot holds a symbol boundary past its start: scan */
-        while (c->left[sym + 1] <= quantile) sym++;
-        low = c->left[sym];
-        probability = c->left[sym + 1] - low;
+        while (l->left[sym + 1] <= quantile) sym++;
+        low = l->left[sym];
+        probability = l->left[sym + 1] - low;
     }
     state = (state >> PRECISION) * (uint64_t)probability + (quantile - low);
     /* refill without a branch (taken about once per 32 bits of information: unpredictable) */
-    uint64_t refill = (state < ((uint64_t)1 << 32)) & (c->pos > 0);
-    uint64_t word = c->words[c->pos > 0 ? c->pos - 1 : 0];
-    c->state = refill ? (state << 32) | word : state;
-    c->pos -= (Py_ssize_t)refill;
+    uint64_t refill = (state < ((uint64_t)1 << 32)) & (l->pos > 0);
+    uint64_t word = l->words[l->pos > 0 ? l->pos - 1 : 0];
+    l->state = refill ? (state << 32) | word : state;
+    l->pos -= (Py_ssize_t)refill;
     int32_t value;
-    if (c->escape < 0) {
+    if (!l->escaped) {
         value = (int32_t)sym;
-    } else if (sym != c->escape_symbol) {
-        value = (int32_t)(sym + c->lo);
+    } else if (sym != l->escape_symbol) {
+        value = (int32_t)(sym + l->lo);
     } else {
-        if (c->e >= c->escape_end) return 1;
-        value = escapes[c->e++];
+        if (l->e >= l->escape_end) return 1;
+        value = escapes[l->e++];
     }
-    *c->out++ = value;
-    c->remaining--;
+    *l->out++ = value;
     return 0;
+}
+
+/* k symbols from each of the first M cursors (M a constant where inlined, so the lanes become registers). */
+static ALWAYS_INLINE int decode_run(Cursor **c, const int M, int64_t k, const int32_t *escapes) {
+    Lane lanes[WAYS];
+    for (int j = 0; j < M; j++) lane_load(&lanes[j], c[j]);
+    int bad = 0;
+    int64_t i = 0;
+    for (; i < k && !bad; i++)
+        for (int j = 0; j < M; j++) bad |= lane_step(&lanes[j], escapes);
+    for (int j = 0; j < M; j++) lane_store(&lanes[j], c[j], i);
+    return bad;
 }
 
 static const char *too_many_escapes = "a coded group holds more escapes than the file";
@@ -171,19 +236,14 @@ static const char *decode_together(Cursor **c, int m, const Shared *s) {
     while (!error && m > 0) {
         int64_t k = c[0]->remaining;
         for (int j = 1; j < m; j++) k = c[j]->remaining < k ? c[j]->remaining : k;
-        if (m == 1) {
-            for (int64_t i = 0; i < k; i++)
-                if (cursor_step(c[0], s->escapes)) return too_many_escapes;
-        } else if (m == 2) {
-            for (int64_t i = 0; i < k; i++)
-                if (cursor_step(c[0], s->escapes) | cursor_step(c[1], s->escapes)) return too_many_escapes;
-        } else {
-            for (int64_t i = 0; i < k; i++) {
-                int bad = 0;
-                for (int j = 0; j < m; j++) bad |= cursor_step(c[j], s->escapes);
-                if (bad) return too_many_escapes;
-            }
+        int bad;
+        switch (m) {
+        case 1: bad = decode_run(c, 1, k, s->escapes); break;
+        case 2: bad = decode_run(c, 2, k, s->escapes); break;
+        case 3: bad = decode_run(c, 3, k, s->escapes); break;
+        default: bad = m == WAYS ? decode_run(c, WAYS, k, s->escapes) : decode_run(c, m, k, s->escapes);
         }
+        if (bad) return too_many_escapes;
         for (int j = 0; j < m && !error; j++) {
             if (c[j]->remaining) continue;
             int done = 0;
@@ -314,14 +374,43 @@ static PyObject *affine_in_place(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *populate(PyObject *self, PyObject *args) {
+    PyObject *obj;
+    Py_ssize_t start, end;
+    if (!PyArg_ParseTuple(args, "Onn", &obj, &start, &end)) return NULL;
+    Py_buffer view;
+    if (get_buffer(obj, &view, 1, 1, "buffer") < 0) return NULL;
+    start = start < 0 ? 0 : start;
+    end = end > view.len ? view.len : end;
+    if (end > start) {
+        char *first = (char *)view.buf + start, *last = (char *)view.buf + end;
+        Py_BEGIN_ALLOW_THREADS
+        int done = 0;
+#if defined(__linux__)
+        uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+        char *aligned = (char *)(((uintptr_t)first + page - 1) / page * page);
+        done = aligned >= last || madvise(aligned, (size_t)(last - aligned), MADV_POPULATE_WRITE) == 0;
+#endif
+#if defined(__GNUC__)
+        if (!done) /* one write per page, keeping its contents (atomic: another thread may be writing there) */
+            for (char *p = first; p < last; p += 4096) __atomic_fetch_add(p, 0, __ATOMIC_RELAXED);
+#endif
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"ans_decode", ans_decode, METH_VARARGS,
      "ans_decode(streams, counts, escapes, out): decode each stream's groups into out (streams: a list of "
-     "(words, groups) pairs, decoded two at a time)."},
+     "(words, groups) pairs, decoded four at a time)."},
     {"unpack_bits", unpack_bits, METH_VARARGS,
      "unpack_bits(data, bit_offset, width, lo, out): len(out) width-bit integers plus lo."},
     {"affine_in_place", affine_in_place, METH_VARARGS,
      "affine_in_place(values, step, shift): int32 values become float32 q * step + shift in the same memory."},
+    {"populate", populate, METH_VARARGS,
+     "populate(buffer, start, end): fault in the pages of bytes [start, end) of a writable buffer, contents kept."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};

@@ -218,6 +218,7 @@ class DecoderKind:
     name: ClassVar[str]
     has_shift: ClassVar[bool] = True
     layout_keys: ClassVar[tuple[str, ...]] = ()
+    decodes_in_place: ClassVar[bool] = False  # decode_groups of a file's groups needs no temporary memory
 
     def __init__(self, shape: Sequence[int], **layout: Any):
         self.shape = tuple(int(s) for s in shape)
@@ -426,6 +427,7 @@ class AffineKind(DecoderKind):
     """``w = step * q + shift``: one step, one shift and one coding group per tensor (dense weights)."""
 
     name = "affine"
+    decodes_in_place = True
 
     def group_pattern(self) -> np.ndarray:
         return np.zeros((1,), np.int64)

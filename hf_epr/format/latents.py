@@ -135,19 +135,23 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
         shares[k].append(job)
         loads[k] += job[0]
     # an anonymous mapping (freed with the last array that views it): shared with forked processes, or for threads
-    # faulted in at once (faster, and not by racing threads)
+    # faulted in by them, a part each, before they decode (faster than faults on first write, racing between threads)
     shared = None
-    if threads and hasattr(mmap, "MAP_POPULATE"):
-        shared = mmap.mmap(-1, max(4 * total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    if threads and hasattr(mmap, "MAP_ANONYMOUS"):
+        shared = mmap.mmap(-1, max(4 * total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     elif not threads and processes > 1:
         shared = mmap.mmap(-1, max(4 * total, 1))
     out = np.frombuffer(shared, np.int32, total) if shared is not None else np.empty(total, np.int32)
+    part = -(-4 * total // processes)
     escapes = np.ascontiguousarray(arrays["escapes"], np.int32)
 
     release_coded, release_packed = _releaser(arrays["coded"]), _releaser(arrays["packed"])
 
-    def run(share: list) -> None:
+    def run(k: int) -> None:
+        share = shares[k]
         streams = [job for _, what, job in share if what == "stream"]
+        if threads and shared is not None:
+            native().populate(shared, k * part, (k + 1) * part)
         if threads:  # all of this worker's streams in one call (decoded four at a time)
             try:
                 decode_into([(np.ascontiguousarray(arrays["coded"][w0:w1], np.uint32),
@@ -170,8 +174,8 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     try:
         if threads:  # the compiled loops release the GIL
             with ThreadPoolExecutor(processes - 1) if processes > 1 else nullcontext() as pool:
-                others = [pool.submit(run, share) for share in shares[1:]]
-                run(shares[0])
+                others = [pool.submit(run, k) for k in range(1, processes)]
+                run(0)
                 for other in others:
                     other.result()
         else:
@@ -180,12 +184,12 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
                 if pid == 0:  # child: decode its share into the shared buffer, then leave at once
                     code = 1
                     try:
-                        run(shares[k])
+                        run(k)
                         code = 0
                     finally:
                         os._exit(code)
                 children.append(pid)
-            run(shares[0])
+            run(0)
     except EPRFormatError:
         raise
     except Exception as err:

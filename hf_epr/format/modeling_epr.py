@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,7 +24,7 @@ from .configuration_epr import HUB_KWARGS, EPRCompressedConfig, base_class
 from .container import WEIGHTS_NAME, read_container
 from .decoders import decoder_for_entry
 from .errors import EPRFormatError
-from .latents import decode_latents
+from .latents import decode_latents, decode_processes
 
 # the Auto classes a compressed repo can be loaded with (its auto_map names those its base architecture has)
 AUTO_CLASSES = (
@@ -105,15 +106,26 @@ def iter_decoded(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     latents are consumed: decoders may turn them into weights in place (pass copies to keep them)."""
     latents = decode_latents(meta, arrays) if latents is None else latents
     params = torch.from_numpy(arrays["params"].copy())
-    for t in meta["tensors"]:
+
+    kinds = [None if t["kind"] == "raw" else decoder_for_entry(t) for t in meta["tensors"]]
+
+    def decode(i: int) -> tuple[list[str], torch.Tensor]:
+        t, kind = meta["tensors"][i], kinds[i]
         shape = tuple(t["shape"])
-        if t["kind"] == "raw":
+        if kind is None:
             flat = arrays[f"raw.{t['dtype']}"]
             value = torch.from_numpy(flat[t["offset"]: t["offset"] + math.prod(shape)].copy()).view(shape)
         else:
-            kind = decoder_for_entry(t)
-            value = kind.decode_groups([latents[g] for g in t["groups"]], params[t["params"]: t["params"] + kind.num_params])
-        yield [t["name"], *t.get("aliases", [])], value
+            value = kind.decode_groups([latents[g] for g in t["groups"]],
+                                       params[t["params"]: t["params"] + kind.num_params])
+        return [t["name"], *t.get("aliases", [])], value
+
+    # decoders that need no temporary memory (their passes release the GIL) run on a pool, the others one at a
+    # time here, so that the peak memory stays the model's
+    with ThreadPoolExecutor(decode_processes()) as pool:
+        done = {i: pool.submit(decode, i) for i, kind in enumerate(kinds) if kind is not None and kind.decodes_in_place}
+        for i in range(len(kinds)):
+            yield done.pop(i).result() if i in done else decode(i)
 
 
 def decode_state_dict(meta: dict[str, Any], arrays: dict[str, np.ndarray],
