@@ -116,7 +116,8 @@ def run_trainer(kind: str, base, data, batch: int, steps: int, warmup: int, bf16
     """(trainer, ms per step) of one short run: kind is plain, off or auto."""
     common = dict(output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=batch, learning_rate=1e-4,
                   report_to="none", save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True, seed=0, bf16=bf16,
-                  dataloader_num_workers=2 if torch.cuda.is_available() else 0)
+                  dataloader_num_workers=2 if torch.cuda.is_available() else 0,
+                  use_cpu=not torch.cuda.is_available())  # without CUDA, bf16 is the CPU's autocast
     timer = StepTimer(warmup)
     if kind == "plain":
         trainer = Trainer(model=copy.deepcopy(base), args=TrainingArguments(**common), train_dataset=data,

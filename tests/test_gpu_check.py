@@ -1,0 +1,27 @@
+"""benchmarks/gpu_check.py, the GPU run's one command, runs its whole flow on the CPU at small sizes (CI has no GPU:
+this keeps the script that proves the GPU paths working between the runs that have one)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_its_whole_flow_at_small_sizes(tmp_path):
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--small", "--models", "convnext-t", "--steps", "1",
+           "--warmup", "1", "--no-load-times", "--no-auto", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    runs = {row["run"]: row for row in result["steps"]}
+    assert set(runs) == {"plain fp32", "off fp32", "plain bf16", "off bf16"}  # bf16: the CPU's autocast here
+    assert all(row["ms_per_step"] > 0 and "error" not in row for row in runs.values()), runs
+    assert runs["off fp32"]["grids_built"] >= 1
+    (check,) = result["checks"]
+    assert check["eval_bytes_equal_file"] and check["cpu_latents_equal_gpu"] and check["eval_coded_bytes"] > 0
+    assert check["bf16_load_dtype"] == "torch.bfloat16" and check["device_map_max_logit_diff"] < 1e-4
+    assert result["fsdp2"]["reloaded_latents_equal"] is True
