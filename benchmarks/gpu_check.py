@@ -8,8 +8,9 @@ Per model (random init, random images): the plain Trainer step against EPRTraine
 auto; fp32 and bf16 mixed precision), the rate term alone, then on the device
 ``evaluate`` (real coded bytes) and ``save_model``; the saved repo loaded on the CPU (same integer latents), onto the
 device with ``device_map``/``dtype``, and load times against the decoded fp32 safetensors checkpoint in fresh
-processes. Last, FSDP2 through ``accelerate launch`` (recipes/accelerate_fsdp2.yaml, one process). Writes
-``benchmarks/results/gpu_check.{md,json}`` (``gpu_check_quick`` for --small), naming the device.
+processes (best of 3 interleaved rounds; then the plain load's steps timed one by one). Last, FSDP2 through
+``accelerate launch`` (recipes/accelerate_fsdp2.yaml, one process). Writes ``benchmarks/results/gpu_check.{md,json}``
+(``gpu_check_quick`` for --small), naming the device.
 """
 
 from __future__ import annotations
@@ -56,6 +57,24 @@ import hf_epr  # imported by both, so both pay the same start-up
 t = time.perf_counter()
 if kind == "epr-wrapper":
     hf_epr.EPRModel.from_pretrained(folder)
+elif kind == "epr-stages":  # the plain load's steps one by one, each timed
+    from hf_epr.format import WEIGHTS_NAME, EPRCompressedConfig, decode_latents, decode_state_dict, read_container
+    from hf_epr.format.modeling_epr import model_class_for
+    marks = [t]
+    base = EPRCompressedConfig.from_pretrained(folder).to_base_config(folder)
+    target = model_class_for(base, "AutoModelForImageClassification", folder)
+    marks.append(time.perf_counter())
+    meta, arrays = read_container(f"{folder}/{WEIGHTS_NAME}")
+    marks.append(time.perf_counter())
+    latents = decode_latents(meta, arrays)
+    marks.append(time.perf_counter())
+    state = decode_state_dict(meta, arrays, latents)
+    marks.append(time.perf_counter())
+    target.from_pretrained(None, config=base, state_dict=state)
+    marks.append(time.perf_counter())
+    stages = ("config", "read+checksum", "decode", "decoders", "transformers")
+    print(json.dumps({"load_s": marks[-1] - t, "stages": dict(zip(stages, (b - a for a, b in zip(marks, marks[1:]))))}))
+    sys.exit()
 else:
     AutoModelForImageClassification.from_pretrained(folder)
 print(json.dumps({"load_s": time.perf_counter() - t}))
@@ -148,14 +167,21 @@ def digest(latents: dict) -> str:
     return hashlib.sha256(b"".join(latents[k].cpu().numpy().tobytes() for k in sorted(latents))).hexdigest()
 
 
-def load_seconds(kind: str, folder: str, repeats: int) -> float:
-    """Best of ``repeats`` loads in fresh processes."""
-    runs = []
+def load_once(kind: str, folder: str) -> dict:
+    """One load in a fresh process on the CPU: {"load_s": seconds} (and "stages" for ``epr-stages``)."""
+    out = subprocess.run([sys.executable, "-c", LOAD, kind, folder], capture_output=True, text=True, check=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def load_seconds(loads: dict[str, tuple[str, str]], repeats: int) -> dict[str, float]:
+    """Best of ``repeats`` rounds of each (kind, folder) load, the rounds interleaved (a slow spell of the machine
+    hits every kind alike)."""
+    runs = {name: [] for name in loads}
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", LOAD, kind, folder], capture_output=True, text=True, check=True,
-                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1])["load_s"])
-    return min(runs)
+        for name, (kind, folder) in loads.items():
+            runs[name].append(load_once(kind, folder)["load_s"])
+    return {name: min(r) for name, r in runs.items()}
 
 
 def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict], dict]:
@@ -216,12 +242,14 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
         fp32 = os.path.join(scratch, f"{name}-fp32")
         EPRCompressedForImageClassification.from_pretrained(repo).save_pretrained(fp32)
         if not args.no_load_times:
-            repeats = 1 if args.small else 2
-            checks["plain_load_s"] = round(load_seconds("epr", repo, repeats), 3)
-            checks["fp32_load_s"] = round(load_seconds("fp32", fp32, repeats), 3)
-            checks["load_ratio"] = round(checks["plain_load_s"] / checks["fp32_load_s"], 2)
-            checks["wrapper_load_s"] = round(load_seconds("epr-wrapper", repo, 1), 3)
-            checks["wrapper_over_plain"] = round(checks["wrapper_load_s"] / checks["plain_load_s"], 2)
+            best = load_seconds({"plain": ("epr", repo), "fp32": ("fp32", fp32), "wrapper": ("epr-wrapper", repo)},
+                                1 if args.small else 3)
+            checks["plain_load_s"], checks["fp32_load_s"] = round(best["plain"], 3), round(best["fp32"], 3)
+            checks["load_ratio"] = round(best["plain"] / best["fp32"], 2)
+            checks["wrapper_load_s"] = round(best["wrapper"], 3)
+            checks["wrapper_over_plain"] = round(best["wrapper"] / best["plain"], 2)
+            stages = load_once("epr-stages", repo)["stages"]
+            checks["plain_load_stages_s"] = " / ".join(f"{k} {v:.3f}" for k, v in stages.items())
         log(f"{name} checks: {checks}")
     except Exception as err:  # noqa: BLE001
         checks["error"] = f"{type(err).__name__}: {str(err)[:300]}"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_runs_its_whole_flow_at_small_sizes(tmp_path):
     cmd = [sys.executable, "benchmarks/gpu_check.py", "--small", "--models", "convnext-t", "--steps", "1",
-           "--warmup", "1", "--no-load-times", "--no-auto", "--out", str(tmp_path)]
+           "--warmup", "1", "--no-auto", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -24,4 +24,6 @@ def test_gpu_check_runs_its_whole_flow_at_small_sizes(tmp_path):
     (check,) = result["checks"]
     assert check["eval_bytes_equal_file"] and check["cpu_latents_equal_gpu"] and check["eval_coded_bytes"] > 0
     assert check["bf16_load_dtype"] == "torch.bfloat16" and check["device_map_max_logit_diff"] < 1e-4
+    assert check["plain_load_s"] > 0 and check["fp32_load_s"] > 0 and check["wrapper_load_s"] > 0
+    assert check["plain_load_stages_s"].startswith("config ") and "transformers" in check["plain_load_stages_s"]
     assert result["fsdp2"]["reloaded_latents_equal"] is True
