@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import hf_epr.format.coders as coders
 import hf_epr.format.container as container
 from hf_epr import EPRConfig, EPRFormatError, EPRModel
 from hf_epr.format import WEIGHTS_NAME, decode_state_dict, file_size_report
@@ -177,6 +178,29 @@ def test_truncated_and_flipped():
         with pytest.raises(EPRFormatError):
             parse_container(data[:cut])
     flipped = bytearray(data)
+    flipped[-5] ^= 0x10
+    with pytest.raises(EPRFormatError, match="checksum"):
+        parse_container(bytes(flipped))
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 1000, 4099])
+def test_the_checksum_in_parallel_parts_is_zlibs(size, monkeypatch):
+    monkeypatch.setattr(container, "CRC_PART_BYTES", 64)  # small buffers take the parallel path too
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    for parts in (1, 2, 3, 8):
+        for value in (0, 0xDEADBEEF):
+            assert container.crc32(data, value, parts) == zlib.crc32(data, value)
+    with monkeypatch.context() as m:  # without the compiled module: one pass
+        m.setattr(container, "native", lambda: None)
+        assert container.crc32(data, 5, 3) == zlib.crc32(data, 5)
+    assert container.crc32(memoryview(bytearray(data))[3:], 7, 4) == zlib.crc32(data[3:], 7)
+    if coders.native() is not None:
+        half = size // 2
+        combined = coders.native().crc32_combine(zlib.crc32(data[:half]), zlib.crc32(data[half:]), size - half)
+        assert combined == zlib.crc32(data)
+    # a file checksummed in parts is written and read as one
+    flipped = bytearray(small_container().to_bytes())
+    assert parse_container(bytes(flipped))[0]["format"] == "hf_epr"
     flipped[-5] ^= 0x10
     with pytest.raises(EPRFormatError, match="checksum"):
         parse_container(bytes(flipped))

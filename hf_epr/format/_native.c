@@ -13,6 +13,8 @@
 
    populate: fault in the pages of a part of a fresh buffer, so that threads share out that work too.
 
+   crc32_combine: the CRC-32 of two byte strings one after the other from theirs (parts checksummed in parallel).
+
    All release the GIL, so threads decode streams in parallel. */
 
 #define PY_SSIZE_T_CLEAN
@@ -401,6 +403,40 @@ static PyObject *populate(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The image of register v under the GF(2) linear map whose columns (images of the unit registers) are m. */
+static uint32_t gf2_apply(const uint32_t m[32], uint32_t v) {
+    uint32_t image = 0;
+    for (int i = 0; v; i++, v >>= 1)
+        if (v & 1) image ^= m[i];
+    return image;
+}
+
+static void gf2_square(uint32_t m[32]) {
+    uint32_t squared[32];
+    for (int i = 0; i < 32; i++) squared[i] = gf2_apply(m, m[i]);
+    memcpy(m, squared, sizeof(squared));
+}
+
+static PyObject *crc32_combine(PyObject *self, PyObject *args) {
+    unsigned long crc_a, crc_b;
+    long long length_b;
+    if (!PyArg_ParseTuple(args, "kkL", &crc_a, &crc_b, &length_b)) return NULL;
+    if (length_b < 0) {
+        PyErr_SetString(PyExc_ValueError, "the length must be non-negative");
+        return NULL;
+    }
+    /* zlib's CRC-32 is affine over GF(2): A's register runs on over len(B) zero bytes, then B's CRC is added */
+    uint32_t run[32], register_a = (uint32_t)crc_a;
+    run[0] = 0xEDB88320u; /* one zero bit: shift right, the reflected polynomial where a one falls out */
+    for (int i = 1; i < 32; i++) run[i] = (uint32_t)1 << (i - 1);
+    for (int k = 0; k < 3; k++) gf2_square(run); /* one zero byte */
+    for (unsigned long long n = (unsigned long long)length_b; n; n >>= 1) {
+        if (n & 1) register_a = gf2_apply(run, register_a);
+        if (n > 1) gf2_square(run);
+    }
+    return PyLong_FromUnsignedLong((unsigned long)(register_a ^ (uint32_t)crc_b));
+}
+
 static PyMethodDef methods[] = {
     {"ans_decode", ans_decode, METH_VARARGS,
      "ans_decode(streams, counts, escapes, out): decode each stream's groups into out (streams: a list of "
@@ -409,6 +445,8 @@ static PyMethodDef methods[] = {
      "unpack_bits(data, bit_offset, width, lo, out): len(out) width-bit integers plus lo."},
     {"affine_in_place", affine_in_place, METH_VARARGS,
      "affine_in_place(values, step, shift): int32 values become float32 q * step + shift in the same memory."},
+    {"crc32_combine", crc32_combine, METH_VARARGS,
+     "crc32_combine(crc_a, crc_b, length_b): zlib.crc32 of a + b from zlib.crc32(a), zlib.crc32(b) and len(b)."},
     {"populate", populate, METH_VARARGS,
      "populate(buffer, start, end): fault in the pages of bytes [start, end) of a writable buffer, contents kept."},
     {NULL, NULL, 0, NULL}};

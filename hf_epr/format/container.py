@@ -27,15 +27,16 @@ import os
 import re
 import tempfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .coders import ANS, coder, ideal_bits, pack_bits, packed_width, symbols_of, table_counts, varints
+from .coders import ANS, coder, ideal_bits, native, pack_bits, packed_width, symbols_of, table_counts, varints
 from .decoders import decoder_for_entry
 from .errors import EPRFormatError
-from .latents import MappedFile, decode_latents
+from .latents import MappedFile, decode_latents, decode_processes
 
 FORMAT_NAME = "hf_epr"
 FORMAT_VERSION = 3
@@ -55,6 +56,7 @@ STREAM_SYMBOLS = 1 << 20  # 4-30 ms of decoding (compiled / constriction): large
 MAX_STREAMS = 64  # enough to keep many cores busy and two cores evenly loaded (streams are cut between groups)
 RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
               "uint8": np.uint8}
+CRC_PART_BYTES = 1 << 23  # buffers of several times this are checksummed in parallel parts
 _DIGEST_RE = re.compile(rb'"epr_sha256":"([0-9a-f]{64})"')
 _SAFETENSORS_DTYPES = {np.dtype(k): v for k, v in [
     ("uint32", "U32"), ("uint16", "U16"), ("int32", "I32"), ("int64", "I64"), ("float32", "F32"),
@@ -169,7 +171,7 @@ class Container:
         data = bytearray(safetensors_bytes({BLOB: np.frombuffer(MAGIC + bytes(CHECKSUM_BYTES) + blob.getvalue(),
                                                                  np.uint8)}))
         start = 8 + int.from_bytes(data[:8], "little") + len(MAGIC)
-        data[start: start + CHECKSUM_BYTES] = zlib.crc32(data).to_bytes(CHECKSUM_BYTES, "little")  # field zeroed
+        data[start: start + CHECKSUM_BYTES] = crc32(data).to_bytes(CHECKSUM_BYTES, "little")  # field zeroed
         return bytes(data)
 
     def _in_tensor_order(self) -> tuple[list[CodedGroup], list[float], dict[str, np.ndarray]]:
@@ -493,6 +495,24 @@ def _parse_v3(blob: memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 
+def crc32(data: bytes | bytearray | memoryview, value: int = 0, parts: int | None = None) -> int:
+    """``zlib.crc32(data, value)``; a large buffer in up to ``parts`` (default: :func:`.latents.decode_processes`)
+    parts at once (zlib releases the GIL), joined by the compiled ``crc32_combine`` (in one pass without it)."""
+    view = memoryview(data).cast("B")
+    parts = min(parts or decode_processes(), len(view) // CRC_PART_BYTES)
+    combine = getattr(native(), "crc32_combine", None)  # None also under an older hf_epr's compiled module
+    if parts < 2 or combine is None:
+        return zlib.crc32(view, value)
+    cuts = [len(view) * k // parts for k in range(parts + 1)]
+    with ThreadPoolExecutor(parts - 1) as pool:
+        rest = pool.map(lambda k: zlib.crc32(view[cuts[k]: cuts[k + 1]]), range(1, parts))
+        crc = zlib.crc32(view[: cuts[1]], value)  # the first part here meanwhile
+        rest = list(rest)
+    for k, part in enumerate(rest, 1):
+        crc = combine(crc, part, cuts[k + 1] - cuts[k])
+    return crc
+
+
 def digest_of(data: bytes) -> str:
     """sha256 of a container's bytes with its stored digest zeroed (the value stored in it)."""
     match = _DIGEST_RE.search(data, 8, 8 + _header_length(data))
@@ -529,7 +549,7 @@ def parse_container(data: bytes | mmap.mmap) -> tuple[dict[str, Any], dict[str, 
                 or data[8 + n: 8 + n + len(MAGIC)] != MAGIC or size < len(MAGIC) + CHECKSUM_BYTES:
             raise EPRFormatError("the file's header does not describe one hf_epr 'epr' byte tensor filling the file")
         start, end = 8 + n + len(MAGIC), 8 + n + len(MAGIC) + CHECKSUM_BYTES
-        crc = zlib.crc32(memoryview(data)[end:], zlib.crc32(bytes(CHECKSUM_BYTES), zlib.crc32(data[:start])))
+        crc = crc32(memoryview(data)[end:], zlib.crc32(bytes(CHECKSUM_BYTES), zlib.crc32(data[:start])))
         if crc.to_bytes(CHECKSUM_BYTES, "little") != data[start: end]:
             raise EPRFormatError("checksum mismatch: the file is corrupt (a byte changed or it was truncated); "
                                  "download or save it again")

@@ -150,7 +150,7 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     def run(k: int) -> None:
         share = shares[k]
         streams = [job for _, what, job in share if what == "stream"]
-        if threads and shared is not None:
+        if threads and shared is not None and hasattr(native(), "populate"):  # (not in older compiled modules)
             native().populate(shared, k * part, (k + 1) * part)
         if threads:  # all of this worker's streams in one call (decoded four at a time)
             try:
