@@ -20,8 +20,8 @@ from .entropy import (FactorizedDensity, LatentTensor, RateWorkspace, cell_bits,
 from .format.coders import histogram_table
 from .format.configuration_epr import CONFIG_MODEL_TYPE, HUB_KWARGS, EPRCompressedConfig
 from .format.container import WEIGHTS_NAME, CodedGroup, Container, atomic_write, read_container
-from .format.latents import decode_latents
-from .format.decoders import decoder_for_entry, round_latent
+from .format.latents import decode_latents, release_decoded
+from .format.decoders import DecoderKind, decoder_for_entry, round_latent
 from .format.errors import EPRFormatError
 from .format.modeling_epr import architecture_class, decode_state_dict, resolve_file
 from .remote_code import repo_auto_map, write_remote_code
@@ -347,7 +347,9 @@ class EPRModel(PreTrainedModel):
         return True
 
     def load_coded(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        """Set latents, decoder parameters and raw tensors from a read container."""
+        """Set latents, decoder parameters and raw tensors from a read container. A float32 CPU latent of a kind
+        that decodes in place takes over its decoded integers' memory (its values are the decoded weights); the
+        others are written into their own memory and their integers' pages given back."""
         latents = decode_latents(meta, arrays)
         params = torch.from_numpy(arrays["params"].copy())
         by_name = {t["name"]: t for t in meta["tensors"]}
@@ -360,12 +362,25 @@ class EPRModel(PreTrainedModel):
                                          f"shape {list(entry.latent.shape)} with layout {entry.kind.layout()}")
                 p = params[t["params"]: t["params"] + entry.kind.num_params].to(entry.decoder.params.device)
                 entry.decoder.params.copy_(p)
-                entry.kind.from_integers(entry.kind.integers([latents[g] for g in t["groups"]]), p, out=entry.latent)
+                groups = [latents[g] for g in t["groups"]]
+                if adopts_decoded_memory(entry.kind, entry.latent, p):  # z = step * q + shift: the decoded weights
+                    entry.latent.data = entry.kind.decode_groups(groups, p)
+                else:
+                    entry.kind.from_integers(entry.kind.integers(groups), p, out=entry.latent)
+                    for group in groups:
+                        release_decoded(group)
             state = decode_state_dict({**meta, "tensors": list(by_name.values())}, arrays, latents)
             for name, _, tensor in self._raw_tensors():
                 if name not in state or tuple(state[name].shape) != tuple(tensor.shape):
                     raise EPRFormatError(f"{name}: missing from the file or stored with another shape")
                 tensor.copy_(state[name].to(tensor.dtype))
+
+
+def adopts_decoded_memory(kind: DecoderKind, latent: torch.Tensor, params: torch.Tensor) -> bool:
+    """Whether ``latent`` can take over its decoded groups' memory: a kind that decodes in place (its latents, in
+    weight units, are its decoded weights), float32 on the CPU, not sharded."""
+    return (kind.decodes_in_place and latent.dtype == torch.float32 and latent.device.type == "cpu"
+            and params.device.type == "cpu" and type(latent.data) is torch.Tensor)
 
 
 def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:

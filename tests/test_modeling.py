@@ -7,6 +7,9 @@ import math
 
 import pytest
 import torch
+
+import hf_epr.format.latents
+import hf_epr.modeling
 from transformers import AutoModelForImageClassification, ConvNextConfig, ViTConfig
 
 from hf_epr import EPRConfig, EPRConfigError, EPRModel
@@ -39,6 +42,40 @@ def test_from_pretrained_exact_and_resave_identical(tmp_path):
     x = tiny_inputs("resnet")
     with torch.no_grad():
         assert torch.equal(model(pixel_values=x).logits, again(pixel_values=x).logits)
+
+
+def test_from_pretrained_latents_take_over_the_decoded_memory_exactly(tmp_path, monkeypatch):
+    model = EPRModel.from_base(tiny_model("vit"), EPRConfig(rate_lambda=0.1, init_step_ratio=0.05))
+    train_a_few_steps(model, tiny_inputs("vit"), steps=3)
+    model.save_pretrained(tmp_path)
+    decoded = []  # the address range of the decoded integers
+
+    def spy(*args, **kwargs):
+        groups = hf_epr.format.latents.decode_latents(*args, **kwargs)
+        decoded[:] = [min(g.ctypes.data for g in groups), max(g.ctypes.data + g.nbytes for g in groups)]
+        return groups
+
+    with monkeypatch.context() as m:
+        m.setattr(hf_epr.modeling, "decode_latents", spy)
+        adopted = EPRModel.from_pretrained(tmp_path)
+    with monkeypatch.context() as m:  # every latent written into its own memory, as before
+        m.setattr(hf_epr.modeling, "adopts_decoded_memory", lambda *args: False)
+        copied = EPRModel.from_pretrained(tmp_path)
+    kinds = {e.kind.name for e in adopted.entries}
+    assert kinds == {"affine", "dct"}  # both paths in one load (dct latents keep their own memory)
+    for a, c in zip(adopted.entries, copied.entries):
+        assert torch.equal(a.latent, c.latent) and torch.equal(a.decoder.params, c.decoder.params), a.name
+        inside = decoded[0] <= a.latent.data_ptr() < decoded[1]  # the latent is its decoded integers' memory
+        assert inside == (a.kind.name == "affine"), a.name
+    ints_a, ints_c = adopted.integer_latents(), copied.integer_latents()
+    assert ints_a.keys() == ints_c.keys() and all(torch.equal(ints_a[k], ints_c[k]) for k in ints_a)
+    x = tiny_inputs("vit")
+    with torch.no_grad():
+        assert torch.equal(adopted.eval()(pixel_values=x).logits, copied.eval()(pixel_values=x).logits)
+    adopted.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / WEIGHTS_NAME).read_bytes() == (tmp_path / WEIGHTS_NAME).read_bytes()
+    train_a_few_steps(adopted, tiny_inputs("vit"), steps=2)  # the adopted memory trains like any parameter
+    assert all(torch.isfinite(e.latent).all() for e in adopted.entries)
 
 
 def test_bits_differentiable_and_rate_gradient_shrinks_latents():

@@ -17,9 +17,10 @@ from .errors import EPRError, EPRFormatError
 
 
 class MappedFile(mmap.mmap):
-    """A read-only memory map of a coded file (made by ``read_container``). The decoders drop its pages from this
-    process as they finish with them — they stay in the page cache, and touching them again maps them back — so the
-    peak memory of a load is the model, not the model plus the file."""
+    """A memory map whose pages are given back as they are done with: a coded file, read only (made by
+    ``read_container``: its pages stay in the page cache, and touching them again maps them back), so the peak
+    memory of a load is the model, not the model plus the file; or :func:`decode_latents`' buffer (anonymous: a
+    page given back reads as zeros)."""
 
     def release(self, start: int = 0, end: int | None = None) -> None:
         """Drop the whole pages within bytes [start, end) from this process's memory (where madvise exists)."""
@@ -39,6 +40,12 @@ def _releaser(array: np.ndarray):
         return lambda start, end: None
     offset = array.ctypes.data - np.frombuffer(owner, np.uint8).ctypes.data
     return lambda start, end: owner.release(offset + start, offset + end)
+
+
+def release_decoded(values: np.ndarray) -> None:
+    """Give back the whole pages of ``values`` (decoded groups no longer needed) where they view a
+    :class:`MappedFile`."""
+    _releaser(values)(0, values.nbytes)
 
 
 def stream_plan(meta: dict[str, Any], n_words: int) -> list[tuple[int, int, int, int]]:
@@ -138,9 +145,9 @@ def decode_latents(meta: dict[str, Any], arrays: dict[str, np.ndarray],
     # faulted in by them, a part each, before they decode (faster than faults on first write, racing between threads)
     shared = None
     if threads and hasattr(mmap, "MAP_ANONYMOUS"):
-        shared = mmap.mmap(-1, max(4 * total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        shared = MappedFile(-1, max(4 * total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     elif not threads and processes > 1:
-        shared = mmap.mmap(-1, max(4 * total, 1))
+        shared = MappedFile(-1, max(4 * total, 1))
     out = np.frombuffer(shared, np.int32, total) if shared is not None else np.empty(total, np.int32)
     part = -(-4 * total // processes)
     escapes = np.ascontiguousarray(arrays["escapes"], np.int32)
