@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import torch
@@ -30,7 +27,7 @@ from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfi
 
 from hf_epr.results import markdown_table
 
-from common import save_results
+from common import best_of_interleaved, run_fresh, save_results
 
 MODELS = {  # name -> config
     "resnet-1M": lambda: ResNetConfig(num_labels=10, layer_type="basic", embedding_size=32, hidden_sizes=[32, 64, 128, 256],
@@ -79,20 +76,7 @@ print(json.dumps({"load_s": t_load, "entropy_decode_s": t_decode, "symbols": n,
 
 def load_once(kind: str, folder: str, compiled: bool = True) -> dict:
     """One load in a fresh interpreter (``compiled=False``: without hf_epr's compiled decoder)."""
-    env = {**os.environ, "HF_EPR_NATIVE": "1" if compiled else "0"}
-    out = subprocess.run([sys.executable, "-c", LOAD, kind, folder], capture_output=True, text=True, check=True,
-                         env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def measure_loads(loads: dict[str, tuple[str, str]], repeats: int) -> dict[str, dict]:
-    """Best of ``repeats`` rounds of each (kind, folder) load, the rounds interleaved: a slow spell of a shared
-    machine slows every kind alike instead of one."""
-    runs = {name: [] for name in loads}
-    for _ in range(repeats):
-        for name, (kind, folder) in loads.items():
-            runs[name].append(load_once(kind, folder))
-    return {name: min(r, key=lambda run: run["load_s"]) for name, r in runs.items()}
+    return run_fresh(LOAD, kind, folder, env={"HF_EPR_NATIVE": "1" if compiled else "0"})
 
 
 def speed_rows(names: list[str], files: list[str], repeats: int) -> list[dict]:
@@ -113,8 +97,8 @@ def speed_rows(names: list[str], files: list[str], repeats: int) -> list[dict]:
                 EPRCompressedForImageClassification.from_pretrained(epr_dir).save_pretrained(fp32_dir)
                 gc.collect()
                 os.sync()  # nothing left to write back while the loads are timed
-                best = measure_loads({"epr": ("epr", epr_dir), "fp32": ("fp32", fp32_dir),
-                                      "wrapper": ("wrapper", epr_dir)}, repeats)
+                best = best_of_interleaved(load_once, {"epr": ("epr", epr_dir), "fp32": ("fp32", fp32_dir),
+                                                       "wrapper": ("wrapper", epr_dir)}, repeats)
                 epr, fp32, wrapper = best["epr"], best["fp32"], best["wrapper"]
                 uncompiled = load_once("epr", epr_dir, compiled=False)
                 report = file_size_report(epr_dir)

@@ -36,7 +36,7 @@ from hf_epr.data import TensorRows
 from hf_epr.format import decoders
 from hf_epr.results import markdown_table
 
-from common import save_results
+from common import best_of_interleaved, run_fresh, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name -> (full config, small config)
@@ -169,19 +169,7 @@ def digest(latents: dict) -> str:
 
 def load_once(kind: str, folder: str) -> dict:
     """One load in a fresh process on the CPU: {"load_s": seconds} (and "stages" for ``epr-stages``)."""
-    out = subprocess.run([sys.executable, "-c", LOAD, kind, folder], capture_output=True, text=True, check=True,
-                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def load_seconds(loads: dict[str, tuple[str, str]], repeats: int) -> dict[str, float]:
-    """Best of ``repeats`` rounds of each (kind, folder) load, the rounds interleaved (a slow spell of the machine
-    hits every kind alike)."""
-    runs = {name: [] for name in loads}
-    for _ in range(repeats):
-        for name, (kind, folder) in loads.items():
-            runs[name].append(load_once(kind, folder)["load_s"])
-    return {name: min(r) for name, r in runs.items()}
+    return run_fresh(LOAD, kind, folder, env={"CUDA_VISIBLE_DEVICES": ""})
 
 
 def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict], dict]:
@@ -242,8 +230,9 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
         fp32 = os.path.join(scratch, f"{name}-fp32")
         EPRCompressedForImageClassification.from_pretrained(repo).save_pretrained(fp32)
         if not args.no_load_times:
-            best = load_seconds({"plain": ("epr", repo), "fp32": ("fp32", fp32), "wrapper": ("epr-wrapper", repo)},
-                                1 if args.small else 3)
+            best = {name: run["load_s"] for name, run in best_of_interleaved(
+                load_once, {"plain": ("epr", repo), "fp32": ("fp32", fp32), "wrapper": ("epr-wrapper", repo)},
+                1 if args.small else 3).items()}
             checks["plain_load_s"], checks["fp32_load_s"] = round(best["plain"], 3), round(best["fp32"], 3)
             checks["load_ratio"] = round(best["plain"] / best["fp32"], 2)
             checks["wrapper_load_s"] = round(best["wrapper"], 3)
