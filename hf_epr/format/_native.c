@@ -394,8 +394,10 @@ static PyObject *populate(PyObject *self, PyObject *args) {
         done = aligned >= last || madvise(aligned, (size_t)(last - aligned), MADV_POPULATE_WRITE) == 0;
 #endif
 #if defined(__GNUC__)
-        if (!done) /* one write per page, keeping its contents (atomic: another thread may be writing there) */
+        if (!done) { /* one write per page, keeping its contents (atomic: another thread may be writing there) */
             for (char *p = first; p < last; p += 4096) __atomic_fetch_add(p, 0, __ATOMIC_RELAXED);
+            __atomic_fetch_add(last - 1, 0, __ATOMIC_RELAXED); /* the last page, when first is not page-aligned */
+        }
 #endif
         Py_END_ALLOW_THREADS
     }

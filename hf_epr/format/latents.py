@@ -19,8 +19,8 @@ from .errors import EPRError, EPRFormatError
 class MappedFile(mmap.mmap):
     """A memory map whose pages are given back as they are done with: a coded file, read only (made by
     ``read_container``: its pages stay in the page cache, and touching them again maps them back), so the peak
-    memory of a load is the model, not the model plus the file; or :func:`decode_latents`' buffer (anonymous: a
-    page given back reads as zeros)."""
+    memory of a load is the model, not the model plus the file; or :func:`decode_latents`' buffer (anonymous: only
+    parts no longer read are given back)."""
 
     def release(self, start: int = 0, end: int | None = None) -> None:
         """Drop the whole pages within bytes [start, end) from this process's memory (where madvise exists)."""
