@@ -1,5 +1,6 @@
 """Run by tests/test_accelerate.py under `accelerate launch` with 2 CPU processes: a few EPRTrainer steps."""
 
+import faulthandler
 import hashlib
 import json
 import sys
@@ -7,6 +8,7 @@ import sys
 from hf_epr import EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.testing import mnist_reference as reference, mnist_subset
 
+faulthandler.enable()  # a native abort (SIGABRT) prints every thread's Python stack into the test's message
 out = sys.argv[1]
 teacher = reference(steps=30)
 model = EPRModel.from_base(reference(steps=30), EPRConfig(rate_lambda=2.0, init_step_ratio=1 / 64))

@@ -1,6 +1,8 @@
 """Run by tests/test_distributed.py under torchrun with 2 CPU processes (gloo): EPRModel sharded with FSDP2
 (``fully_shard`` of the whole wrapper), a few steps, then the compressed repo saved by every rank together."""
 
+import faulthandler
+import gc
 import hashlib
 import json
 import sys
@@ -13,6 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from hf_epr import EPRConfig, EPRModel
 from hf_epr.testing import tiny_inputs, tiny_model
 
+faulthandler.enable()  # a native abort (SIGABRT) prints every thread's Python stack into the test's message
 out = sys.argv[1]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -34,4 +37,10 @@ with model.full_parameters():
 exact = model.exact_bits()
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump({"digest": digest, "parameter_type": sharded, "exact_bits": exact}, f)
+# Tear down in order while the interpreter is whole: both ranks done with collectives, then the FSDP state (which
+# holds the device mesh and its process group) freed, then the group destroyed; nothing of gloo is left for the
+# interpreter's finalization to free.
+dist.barrier()
+del model, opt, outputs, bits
+gc.collect()
 dist.destroy_process_group()

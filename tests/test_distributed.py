@@ -23,13 +23,18 @@ from hf_epr.trainer import TRAINING_STATE
 HERE = Path(__file__).parent
 
 
+def _failure(proc: subprocess.CompletedProcess, out: Path) -> str:
+    """What a failed launch left: the files the ranks wrote (how far they got) and the ends of both streams."""
+    return f"written: {sorted(p.name for p in out.iterdir())}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+
+
 @pytest.mark.slow
 def test_two_process_cpu_training(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(HERE.parent / "recipes" / "accelerate_cpu.yaml"), "--main_process_port", "29533",
            str(HERE / "accelerate_script.py"), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, _failure(proc, tmp_path)
     assert "Grad strides do not match" not in proc.stderr  # no parameter with a stride-0 dimension
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
@@ -55,7 +60,7 @@ def test_fsdp2_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
            str(HERE / "fsdp2_script.py"), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, _failure(proc, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["parameter_type"] == "DTensor"  # the parameters really were sharded
     assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["exact_bits"] == ranks[1]["exact_bits"]
