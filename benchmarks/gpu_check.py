@@ -31,7 +31,7 @@ import torch
 from transformers import (AutoModelForImageClassification, ConvNextConfig, ResNetConfig, Trainer, TrainerCallback,
                           TrainingArguments, ViTConfig)
 
-from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments, entropy
+from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import TensorRows
 from hf_epr.format import decoders
 from hf_epr.results import markdown_table
@@ -295,11 +295,11 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
         batched_step = training_step(epr_batched, rate=True)
 
         def bincount_step():
-            saved, entropy.sums_on_device = entropy.sums_on_device, lambda device: False
+            saved, decoders.sums_on_device = decoders.sums_on_device, lambda device: False
             try:
                 epr_step()
             finally:
-                entropy.sums_on_device = saved
+                decoders.sums_on_device = saved
 
         def rate():
             (epr.bits() / n).backward()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .format.decoders import DecoderKind, host, native_train, round_latent, small_tensor_limit
+from .format.decoders import DecoderKind, host, index_sums, native_train, round_latent, small_tensor_limit
 from .format.errors import EPRError
 
 
@@ -583,23 +583,8 @@ def _torch_sums(layout: RateLayout, tensors: Sequence[LatentTensor], workspace: 
         sample = [workspace.buffer(f"sample{i}", padded // stride, x.dtype, device).view(-1, SAMPLE_BLOCK)
                   .copy_(x.view(-1, SAMPLE_BLOCK)[pick::stride]).view(-1) for i, x in enumerate(sample)]
     cells = channels * points
-    return index[:n], *(cell_sums(sample[0], w, cells + 1)[:cells].to(dtype).view(channels, -1) * stride
+    return index[:n], *(index_sums(sample[0], w, cells + 1)[:cells].to(dtype).view(channels, -1) * stride
                         for w in (None, sample[1], sample[2]))
-
-
-def sums_on_device(device: torch.device) -> bool:
-    """Whether :func:`cell_sums` adds with ``index_add_`` (accelerators) rather than ``bincount`` (the CPU)."""
-    return device.type != "cpu"
-
-
-def cell_sums(index: torch.Tensor, weights: torch.Tensor | None, cells: int) -> torch.Tensor:
-    """Per cell: how many entries of ``index`` name it (``weights`` None), or the sum of their ``weights``. A
-    ``bincount`` on the CPU; an ``index_add_`` on accelerators, where a bincount reads its input's range back to the
-    host first (two synchronizations that stall the step). Counts are exact in float32 below 2**24 per cell."""
-    if not sums_on_device(index.device):
-        return torch.bincount(index, weights, minlength=cells)
-    values = weights if weights is not None else torch.ones((), device=index.device).expand(index.numel())
-    return torch.zeros(cells, dtype=values.dtype, device=index.device).index_add_(0, index, values)
 
 
 def _compiled_sums(layout: RateLayout, tensors: Sequence[LatentTensor], workspace: RateWorkspace, points: int,

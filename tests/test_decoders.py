@@ -106,15 +106,18 @@ def test_decoding_a_files_groups_reuses_their_memory(kind):
         assert torch.equal(kind.decode_groups(apart, params), expected)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "compiled"])
+@pytest.mark.parametrize("loops", ["torch", "torch, accelerator sums", "compiled"])
 @pytest.mark.parametrize("kinds", ["dct only", "affine and dct"])
-def test_quantizing_tensors_together_equals_one_by_one(kinds, compiled, monkeypatch):
+def test_quantizing_tensors_together_equals_one_by_one(kinds, loops, monkeypatch):
     """quantize_together (the forward's batched rounding) gives each tensor's own fused rounding, values and
-    gradients, whether or not some kinds have shifts, in torch operations and in the compiled loops."""
-    if compiled and decoders._native_train is None:
+    gradients, whether or not some kinds have shifts, in torch operations (with the step sizes' gradients summed by
+    a bincount, or as on accelerators by an index_add_, which needs no host synchronization) and in the compiled
+    loops."""
+    if loops == "compiled" and decoders._native_train is None:
         pytest.skip("the compiled training loops are not in use (not built, or HF_EPR_NATIVE=0)")
-    if not compiled:
+    if loops != "compiled":
         monkeypatch.setattr(decoders, "_native_train", None)
+    monkeypatch.setattr(decoders, "sums_on_device", lambda device: loops == "torch, accelerator sums")
     torch.manual_seed(0)
     specs = [DCTKind((6, 4, 3, 3), [0, 1, 1, 1, 2, 2, 2, 2, 2]), DCTKind((5, 5, 3, 3), [0, 0, 0, 0, 1, 1, 1, 1, 1])]
     if kinds == "affine and dct":

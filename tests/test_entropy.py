@@ -202,7 +202,7 @@ def test_training_rate_sums_without_bincount_equal_the_bincount_sums(sampled, mo
     model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(init_step_ratio=0.05)).train()
     results = []
     for on_device in (False, True):
-        monkeypatch.setattr(entropy, "sums_on_device", lambda device: on_device)
+        monkeypatch.setattr(decoders, "sums_on_device", lambda device: on_device)
         torch.manual_seed(0)
         model.zero_grad(set_to_none=True)
         rate = noise_rate(model.density, model.latent_tensors(), workspace=entropy.RateWorkspace())

@@ -145,6 +145,22 @@ class _QuantizeSTE(torch.autograd.Function):
         return grad, grad_log_step, None
 
 
+def sums_on_device(device: torch.device) -> bool:
+    """Whether :func:`index_sums` adds with ``index_add_`` (accelerators) rather than ``bincount`` (the CPU)."""
+    return device.type != "cpu"
+
+
+def index_sums(index: torch.Tensor, weights: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Per slot below ``size``: how many entries of ``index`` name it (``weights`` None), or the sum of their
+    ``weights``. A ``bincount`` on the CPU (float64 sums of weights); an ``index_add_`` on accelerators (sums in the
+    weights' dtype), where a bincount reads its input's range back to the host first: two synchronizations that
+    stall the step. Counts are exact in float32 below 2**24 per slot."""
+    if not sums_on_device(index.device):
+        return torch.bincount(index, weights, minlength=size)
+    values = weights if weights is not None else torch.ones((), device=index.device).expand(index.numel())
+    return torch.zeros(size, dtype=values.dtype, device=index.device).index_add_(0, index, values)
+
+
 class _QuantizeTogether(torch.autograd.Function):
     """:class:`_QuantizeSTE` for several tensors in one operation: ``count`` latents, then their flat parameters.
     ``step_index`` gives each latent element (all tensors' elements in order) the place of its log step in the
@@ -183,7 +199,7 @@ class _QuantizeTogether(torch.autograd.Function):
                                        host(x), host(per_param, True), torch.get_num_threads())  # shifts get 0
         else:
             diff, step_index = ctx.saved_tensors
-            dtype, per_param = diff.dtype, torch.bincount(step_index, grad * diff, minlength=sum(ctx.sizes))
+            dtype, per_param = diff.dtype, index_sums(step_index, (grad * diff).double(), sum(ctx.sizes))
         grads = [g.view(shape) for g, shape in zip(grad.split(sizes), ctx.shapes)]
         return (None, None, None, None, *grads, *per_param.to(dtype).split(ctx.sizes))
 
