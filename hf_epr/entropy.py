@@ -167,9 +167,10 @@ class RateLayout:
     def key_of(tensors: Sequence[LatentTensor]) -> tuple:
         return tuple((id(t.z), tuple(t.z.shape), id(t.kind), t.z.device) for t in tensors)
 
+    @torch.no_grad()  # (not a detach per tensor: an operation each, for nothing but the host's time)
     def steps_and_shifts(self, tensors: Sequence[LatentTensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log_step, shift) of every channel, detached (shift 0 for kinds without shifts)."""
-        flat = torch.cat([*(t.params.detach().reshape(-1) for t in tensors), tensors[0].params.new_zeros(1)])
+        flat = torch.cat([*(t.params for t in tensors), tensors[0].params.new_zeros(1)])
         return flat[self.step_index], flat[self.shift_index]
 
     def steering(self, tensors: Sequence[LatentTensor], grad_log_step: torch.Tensor,
@@ -180,13 +181,14 @@ class RateLayout:
         flat.index_add_(0, self.step_index, grad_log_step).index_add_(0, self.shift_index, grad_shift)
         return _ParamGradient.apply(flat[:-1], *[t.params for t in tensors])
 
+    @torch.no_grad()
     def place(self, tensors: Sequence[LatentTensor], out: torch.Tensor, noise: torch.Tensor, a: torch.Tensor,
               b: torch.Tensor, c: torch.Tensor | float, scratch: torch.Tensor | None = None) -> None:
         """``out = z * a + b + noise * c`` for every latent, with a, b, c given per channel (c may be one number)."""
         per_channel = isinstance(c, torch.Tensor)
         if self.small:
             part = out[: self.small_numel]
-            z = torch.cat([tensors[i].z.detach().reshape(-1) for i in self.small],
+            z = torch.cat([tensors[i].z.reshape(-1) for i in self.small],
                           out=scratch[: self.small_numel] if scratch is not None else None)
             coef = torch.stack([a, b, c] if per_channel else [a, b]).index_select(1, self.small_channel)
             torch.addcmul(coef[1], z, coef[0], out=part)
@@ -197,19 +199,20 @@ class RateLayout:
         for i in self.large:
             t, where, ch = tensors[i], self.parts[i], self.channels[i]
             target, view = out[where].view(t.z.shape), t.kind.group_view
-            torch.addcmul(view(b[ch]), t.z.detach(), view(a[ch]), out=target)
+            torch.addcmul(view(b[ch]), t.z, view(a[ch]), out=target)
             if per_channel:
                 target.addcmul_(noise[where].view(t.z.shape), view(c[ch]))
             else:
                 target.add_(noise[where].view(t.z.shape), alpha=c)
 
+    @torch.no_grad()
     def bounds(self, tensors: Sequence[LatentTensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel: the least and the greatest latent (weight units; NaN if one is NaN). The small tensors
         together (two scatter reductions over their elements), each large one on its own."""
-        large = [tensors[i].kind.group_bounds(tensors[i].z.detach()) for i in self.large]
+        large = [tensors[i].kind.group_bounds(tensors[i].z) for i in self.large]
         if not self.small:  # every tensor on its own, in tensor (so channel) order
             return tuple(torch.cat([b[j] for b in large]) for j in (0, 1))
-        z = torch.cat([tensors[i].z.detach().reshape(-1) for i in self.small])
+        z = torch.cat([tensors[i].z.reshape(-1) for i in self.small])
         channels = len(self.step_index)
         lo = z.new_full((channels,), math.inf).scatter_reduce_(0, self.small_channel, z, "amin")
         hi = z.new_full((channels,), -math.inf).scatter_reduce_(0, self.small_channel, z, "amax")
