@@ -31,7 +31,8 @@ import torch
 from transformers import (AutoModelForImageClassification, ConvNextConfig, ResNetConfig, Trainer, TrainerCallback,
                           TrainingArguments, ViTConfig)
 
-from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
+from hf_epr import (EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments,
+                    entropy)
 from hf_epr.data import TensorRows
 from hf_epr.format import decoders
 from hf_epr.results import markdown_table
@@ -249,7 +250,8 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
 def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
     """Where one training step's time goes (manual loop, AdamW, lambda 0.5): wall time of the plain model's step,
     EPR's step, its rate term alone, and two variants of EPR's step: every tensor decoded and placed together (the
-    accelerator's small-tensor limit raised), and the rate's sums as bincounts (two host synchronizations each);
+    accelerator's small-tensor limit raised), and the CPU's path (sums as bincounts, two host synchronizations each,
+    and the rate's grid kept between steps and checked on the host: what accelerators ran before their own path);
     from the profiler, the kernels launched and the GPU's busy time per step, host-device synchronizations (sites
     named by file and line), and the top operations of EPR's step and rate."""
     import warnings
@@ -294,12 +296,14 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
         plain_step, epr_step = training_step(base, rate=False), training_step(epr, rate=True)
         batched_step = training_step(epr_batched, rate=True)
 
-        def bincount_step():
-            saved, decoders.sums_on_device = decoders.sums_on_device, lambda device: False
+        def cpu_path_step():
+            """The step on the CPU's path: bincount sums, the rate's grid kept and checked on the host."""
+            saved = decoders.accelerator_path
+            decoders.accelerator_path = entropy.accelerator_path = lambda device: False
             try:
                 epr_step()
             finally:
-                decoders.sums_on_device = saved
+                decoders.accelerator_path = entropy.accelerator_path = saved
 
         def rate():
             (epr.bits() / n).backward()
@@ -307,7 +311,8 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
 
         label = "bf16" if bf16 else "fp32"
         for part, fn in (("plain step", plain_step), ("EPR step", epr_step), ("rate fwd+bwd", rate),
-                         ("EPR step, all tensors batched", batched_step), ("EPR step, bincount sums", bincount_step)):
+                         ("EPR step, all tensors batched", batched_step),
+                         ("EPR step, CPU's path (host syncs)", cpu_path_step)):
             for _ in range(3):
                 fn()
             sync()

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .format.decoders import DecoderKind, host, index_sums, native_train, round_latent, small_tensor_limit
+from .format.decoders import (DecoderKind, accelerator_path, host, index_sums, native_train, round_latent,
+                              small_tensor_limit)
 from .format.errors import EPRError
 
 
@@ -392,6 +393,7 @@ class RateGrid:
     resolution: int
     max_bins: int
     age: int = 0
+    finite: torch.Tensor | None = None  # built without a host check: whether its latents were finite (on the device)
 
     @property
     def h(self) -> torch.Tensor:
@@ -407,19 +409,44 @@ class RateGrid:
     @classmethod
     @torch.no_grad()
     def spanning(cls, tensors: Sequence[LatentTensor], layout: RateLayout, step: torch.Tensor, shift: torch.Tensor,
-                 resolution: int, max_bins: int, dtype: torch.dtype) -> "RateGrid":
-        """A grid around every channel's rounded values, with ``GRID_MARGIN`` spare bins and room for the noise."""
+                 resolution: int, max_bins: int, dtype: torch.dtype, check: bool = True) -> "RateGrid":
+        """A grid around every channel's rounded values, with ``GRID_MARGIN`` spare bins and room for the noise.
+        With ``check=False`` nothing is read back to the host: the grid has the points that the widest channel
+        could need (``max_bins`` bins) and its ``finite`` flag stays on the device."""
         bounds = torch.cat(_unit_bounds(tensors, step, shift, layout))
         lo, hi = torch.round(bounds.nan_to_num(0.0, 0.0, 0.0)).long().chunk(2)
-        width = integers_per_bin(lo, hi, max_bins)
+        width = integers_per_bin(lo, hi, max_bins)  # so that (hi - lo) // width < max_bins
+        spare = GRID_MARGIN + 1  # bins below the lowest value; the noise needs half a bin of them
+        origin = (lo - spare * width).to(dtype) - 1
+        if not check:
+            return cls(origin, width, (max_bins - 1 + 2 * spare + 2) * resolution, resolution, max_bins,
+                       finite=torch.isfinite(bounds).all())
         # one host sync for the grid's size and the finiteness check
         widest, finite = torch.stack([torch.div(hi - lo, width, rounding_mode="floor").max(),
                                       torch.isfinite(bounds).all().long()]).tolist()
         if not finite:
             raise EPRError(DIVERGED)
-        spare = GRID_MARGIN + 1  # bins below the lowest value; the noise needs half a bin of them
-        origin = (lo - spare * width).to(dtype) - 1
         return cls(origin, width, (widest + 2 * spare + 2) * resolution, resolution, max_bins)
+
+
+class _LateFlag:
+    """A boolean computed on the device, for the host to read later without stalling: on CUDA copied into pinned
+    memory behind an event (by the time it is read, the device has long passed the event); elsewhere read as is."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.event = None
+        if flag.device.type == "cuda":
+            self.value = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.value.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.value = flag
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.value)
 
 
 class RateWorkspace:
@@ -433,6 +460,7 @@ class RateWorkspace:
         self.builds = 0  # grids built so far (a step that builds one pays a pass over the bounds and, usually, a
         # placement pass on the grid it replaces)
         self.index_pending = False  # the latest cell index is saved for a backward that has not run yet
+        self.latest_finite: _LateFlag | None = None  # the accelerator path's finiteness check, read a step late
         self._buffers: dict[str, torch.Tensor] = {}
         self._layout: RateLayout | None = None
 
@@ -489,6 +517,18 @@ class RateWorkspace:
                                  torch.tensor(state["width"], dtype=torch.long, device=device), int(state["points"]),
                                  int(state["resolution"]), int(state["max_bins"]), int(state["age"]))
 
+    def device_grid(self, tensors: Sequence[LatentTensor], layout: RateLayout, step: torch.Tensor, shift: torch.Tensor,
+                    resolution: int, max_bins: int, dtype: torch.dtype) -> RateGrid:
+        """The accelerator path's grid: built on the device at every step, nothing read back to the host. Whether
+        the latents were finite is read one step late (EPRError then, as the host-checked grid raises at once)."""
+        latest, self.latest_finite = self.latest_finite, None
+        if latest is not None and not latest.read():
+            raise EPRError(DIVERGED)
+        self.grid = RateGrid.spanning(tensors, layout, step, shift, resolution, max_bins, dtype, check=False)
+        self.latest_finite = _LateFlag(self.grid.finite)
+        self.builds += 1
+        return self.grid
+
     def usable_grid(self, channels: int, resolution: int, max_bins: int, device: torch.device) -> RateGrid | None:
         g = self.grid
         if (g is None or g.origin.numel() != channels or g.origin.device != device or g.resolution != resolution
@@ -503,13 +543,14 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
     """Bits of every latent plus one uniform noise draw, u + U(-1/2, 1/2), under ``density`` (the uniform-noise
     relaxation of Ballé et al., sampled: the training rate of ``rate_relaxation="noise"``).
 
-    The bits of a window one bin wide are tabulated per channel on a grid ``resolution`` times finer than one bin
-    (a bin is one integer, or several in channels wider than ``max_bins``, whose density is then averaged over the
-    bin) and interpolated linearly at each noisy value. Gradients: to each latent, the slope of the interpolation at its noisy value; to the density (through
-    the table) and to the step sizes and shifts, sums over the latents, taken over every latent up to
-    ``SAMPLED_LATENTS`` and over an evenly strided random subset (scaled up, unbiased) above that; the value is the
-    same estimate. The passes over the latents run in place in ``workspace``'s buffers (pass the same workspace
-    every step; its grid is kept while every latent fits); noise comes from its fixed random buffer at a random
+    The bits of a window one bin wide are tabulated per channel on a grid ``resolution`` times finer than one bin (a
+    bin is one integer, or several in channels wider than ``max_bins``, whose density is then averaged over the bin)
+    and interpolated linearly at each noisy value. Gradients: to each latent, the slope of the interpolation at its
+    noisy value; to the density (through the table) and to the step sizes and shifts, sums over the latents, taken
+    over every latent up to ``SAMPLED_LATENTS`` and over an evenly strided random subset (scaled up, unbiased) above
+    that; the value is the same estimate. The passes over the latents run in place in ``workspace``'s buffers (pass
+    the same workspace every step; its grid is kept while every latent fits, or on accelerators built on the device
+    at every step, so that nothing is read back to the host); noise comes from its fixed random buffer at a random
     offset. Its expectation is :func:`grid_rate`'s ``smooth`` estimate; training uses the sampled form, whose runs
     reach smaller files at better accuracy than runs on the deterministic expectation (see the README's Results).
     """
@@ -528,21 +569,28 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         padded = n if stride == 1 or compiled else -(-n // (SAMPLE_BLOCK * stride)) * SAMPLE_BLOCK * stride
         noise = workspace.noise(padded, dtype, device)
         pick = int(torch.randint(stride, ())) if stride > 1 else 0
-        grid = workspace.usable_grid(channels, resolution, max_bins, device)
-        for fresh in ((False, True) if grid is not None else (True,)):
-            if fresh:
-                grid = workspace.grid = RateGrid.spanning(tensors, layout, step, shift, resolution, max_bins, dtype)
-                workspace.builds += 1
-            # grid position of every noisy value, (z - shift) / step + noise - origin in grid spacings, with its
-            # channel's coefficients: z * a + b + noise * c
-            c = grid.points_per_unit
+        # grid position of every noisy value, (z - shift) / step + noise - origin in grid spacings, with its
+        # channel's coefficients: z * a + b + noise * c
+        if not compiled and accelerator_path(device):  # nothing read back to the host: a grid built on the device
+            grid = workspace.device_grid(tensors, layout, step, shift, resolution, max_bins, dtype)
+            c = 1 / grid.h  # per channel (one number for all would need the host to find that they are alike)
             a, b = c / step, -(shift / step + grid.origin) * c
-            found = (_compiled_sums if compiled else _torch_sums)(layout, tensors, workspace, grid.points, noise,
-                                                                   (a, b, c), stride, pick)
-            if found is not None:
-                break
-            if fresh:  # a grid built around the latents holds them unless they are not finite
-                raise EPRError(DIVERGED)
+            found = _torch_sums(layout, tensors, workspace, grid.points, noise, (a, b, c), stride, pick, check=False)
+        else:
+            grid = workspace.usable_grid(channels, resolution, max_bins, device)
+            for fresh in ((False, True) if grid is not None else (True,)):
+                if fresh:
+                    grid = workspace.grid = RateGrid.spanning(tensors, layout, step, shift, resolution, max_bins,
+                                                              dtype)
+                    workspace.builds += 1
+                c = grid.points_per_unit
+                a, b = c / step, -(shift / step + grid.origin) * c
+                found = (_compiled_sums if compiled else _torch_sums)(layout, tensors, workspace, grid.points, noise,
+                                                                       (a, b, c), stride, pick)
+                if found is not None:
+                    break
+                if fresh:  # a grid built around the latents holds them unless they are not finite
+                    raise EPRError(DIVERGED)
         index, count, frac, drawn = found
         points = grid.points
     h, origin = grid.h, grid.origin
@@ -564,18 +612,23 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
 
 
 def _torch_sums(layout: RateLayout, tensors: Sequence[LatentTensor], workspace: RateWorkspace, points: int,
-                noise: torch.Tensor, coef: tuple, stride: int, pick: int) -> tuple[torch.Tensor, ...] | None:
+                noise: torch.Tensor, coef: tuple, stride: int, pick: int,
+                check: bool = True) -> tuple[torch.Tensor, ...] | None:
     """:func:`noise_rate`'s pass over the latents in torch operations: (cell index of every latent, and per grid
     point the count, fractions and noise draws of the latents of every stride-th block of ``SAMPLE_BLOCK`` from
-    ``pick``, scaled by ``stride``), or None when a noisy value leaves the grid. ``noise`` is padded to whole strides
-    of blocks."""
+    ``pick``, scaled by ``stride``), or None when a noisy value leaves the grid (found with one host synchronization;
+    with ``check=False`` none, for a grid built around the latents). ``noise`` is padded to whole strides of
+    blocks."""
     (a, b, c), n, padded = coef, layout.numel, noise.numel()
     dtype, device, channels = noise.dtype, noise.device, a.numel()
     position = workspace.buffer("position", padded, dtype, device)
     layout.place(tensors, position, noise, a, b, c, workspace.buffer("small", layout.small_numel, dtype, device))
-    low, high = torch.stack(position[:n].aminmax()).tolist()  # one host sync: do all lie on the grid?
-    if not (0 <= low and high < points - 1):
-        return None
+    if check:
+        low, high = torch.stack(position[:n].aminmax()).tolist()  # one host sync: do all lie on the grid?
+        if not (0 <= low and high < points - 1):
+            return None
+    else:  # on a grid built around them they do, unless not finite: those (training diverged) go to its ends
+        position[:n].nan_to_num_(0.0, 0.0, 0.0).clamp_(0.0, points - 1)
     index = workspace.index(padded, device)
     index[:n].copy_(position[:n])  # positions are >= 0: truncation is the floor
     position.frac_()  # the fraction w of the way to the next grid point

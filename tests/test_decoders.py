@@ -117,7 +117,7 @@ def test_quantizing_tensors_together_equals_one_by_one(kinds, loops, monkeypatch
         pytest.skip("the compiled training loops are not in use (not built, or HF_EPR_NATIVE=0)")
     if loops != "compiled":
         monkeypatch.setattr(decoders, "_native_train", None)
-    monkeypatch.setattr(decoders, "sums_on_device", lambda device: loops == "torch, accelerator sums")
+    monkeypatch.setattr(decoders, "accelerator_path", lambda device: loops == "torch, accelerator sums")
     torch.manual_seed(0)
     specs = [DCTKind((6, 4, 3, 3), [0, 1, 1, 1, 2, 2, 2, 2, 2]), DCTKind((5, 5, 3, 3), [0, 0, 0, 0, 1, 1, 1, 1, 1])]
     if kinds == "affine and dct":

@@ -1,13 +1,15 @@
 """The learned density and the rate: exact bits of the rounded latents, the noise relaxation, and their gradients."""
 
+import traceback
+
 import pytest
 import torch
 
-from hf_epr import EPRConfig, EPRModel, entropy
+from hf_epr import EPRConfig, EPRError, EPRModel, entropy
 from hf_epr.entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram, noise_rate
 from hf_epr.format import decoders
 from hf_epr.format.decoders import AffineKind, DCTKind
-from hf_epr.testing import tiny_model
+from hf_epr.testing import tiny_inputs, tiny_model
 
 
 def brute_force_bits(model: EPRModel) -> float:
@@ -192,9 +194,10 @@ def test_small_tensors_placed_together_give_the_rate_of_tensors_placed_one_by_on
 
 
 @pytest.mark.parametrize("sampled", [False, True])
-def test_training_rate_sums_without_bincount_equal_the_bincount_sums(sampled, monkeypatch):
-    """On accelerators the training rate's per-cell sums are index_add_s (no host synchronization): forced here on
-    the CPU, the torch operations give the rate and gradients of their bincount sums, for the same draws."""
+def test_training_rate_on_the_accelerator_path_equals_the_cpu_path(sampled, monkeypatch):
+    """On accelerators the training rate reads nothing back to the host (its grid built on the device with room for
+    the widest channel, its per-cell sums index_add_s): forced here on the CPU, a fresh workspace's rate and
+    gradients are those of the CPU's path (a grid sized on the host, bincount sums), for the same draws."""
     monkeypatch.setattr(decoders, "_native_train", None)
     if sampled:
         monkeypatch.setattr(entropy, "SAMPLED_LATENTS", 700)
@@ -202,7 +205,8 @@ def test_training_rate_sums_without_bincount_equal_the_bincount_sums(sampled, mo
     model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(init_step_ratio=0.05)).train()
     results = []
     for on_device in (False, True):
-        monkeypatch.setattr(decoders, "sums_on_device", lambda device: on_device)
+        for module in (decoders, entropy):
+            monkeypatch.setattr(module, "accelerator_path", lambda device: on_device)
         torch.manual_seed(0)
         model.zero_grad(set_to_none=True)
         rate = noise_rate(model.density, model.latent_tensors(), workspace=entropy.RateWorkspace())
@@ -232,3 +236,61 @@ def test_channel_bounds_of_tensors_placed_together_equal_each_tensor_s_own(famil
     lo, hi = layout.bounds(tensors)
     channel = layout.channels[layout.small[0]].start + int(tensors[layout.small[0]].kind.group_index()[0])
     assert torch.isnan(lo[channel]) and torch.isnan(hi[channel]) and int(torch.isnan(lo).sum()) == 1
+
+
+def accelerator_path_on_the_cpu(monkeypatch, model: EPRModel) -> EPRModel:
+    """``model`` trains on the accelerator path (torch operations, no host synchronization) on the CPU, the smaller
+    half of its tensors decoded and placed together, the others one by one."""
+    monkeypatch.setattr(decoders, "_native_train", None)
+    monkeypatch.setattr(decoders, "accelerator_path", lambda device: True)
+    monkeypatch.setattr(entropy, "accelerator_path", lambda device: True)
+    sizes = sorted(t.z.numel() for t in model.latent_tensors())
+    monkeypatch.setattr(decoders, "SMALL_TENSOR", sizes[len(sizes) // 2])
+    return model.train()
+
+
+@pytest.mark.parametrize("family", ["resnet", "vit"])
+def test_accelerator_path_trains_without_reading_the_device(family, monkeypatch):
+    """On the accelerator path a training step (batched rounding, forward, rate, backward) reads nothing back to
+    the host but the previous step's finiteness flag, which by then the device has long computed; its grid is built
+    at every step."""
+    model = EPRModel.from_base(tiny_model(family), EPRConfig(rate_lambda=0.5, init_step_ratio=0.05))
+    model = accelerator_path_on_the_cpu(monkeypatch, model)
+    layout = entropy.RateLayout(model.latent_tensors(), batched=True)
+    assert layout.small and layout.large  # both kinds of placement run
+    x, labels = tiny_inputs(family, n=4), torch.arange(4) % 2
+    reads = []
+
+    def recorded(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append((name, "".join(traceback.format_stack(limit=3)[:-1])))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, recorded(name))
+    randint = torch.randint  # the noise offsets are drawn on the host: not device reads (a number here)
+    monkeypatch.setattr(torch, "randint", lambda high, size, **kw: high // 2 if size == () else randint(high, size,
+                                                                                                       **kw))
+    for step in range(3):
+        builds = model.rate_workspace.builds
+        outputs, bits = model(pixel_values=x, labels=labels, return_bits=True)
+        (outputs.loss + 0.5 * bits / model.num_compressed_parameters).backward()
+        model.zero_grad(set_to_none=True)
+        assert model.rate_workspace.builds == builds + 1
+    assert reads and all(name == "__bool__" and "in read" in where for name, where in reads), reads
+
+
+def test_accelerator_path_reports_divergence_a_step_late(monkeypatch):
+    model = accelerator_path_on_the_cpu(monkeypatch, EPRModel.from_base(tiny_model("resnet"),
+                                                                       EPRConfig(init_step_ratio=0.05)))
+    model.bits().backward()
+    with torch.no_grad():
+        model.latent_tensors()[3].z.view(-1)[5] = float("nan")
+    late = model.bits()  # no error yet, and no out-of-range cell: the NaN latent goes to the grid's end
+    late.backward()
+    assert torch.isfinite(late)
+    with pytest.raises(EPRError, match="diverged"):
+        model.bits()

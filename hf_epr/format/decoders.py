@@ -145,8 +145,10 @@ class _QuantizeSTE(torch.autograd.Function):
         return grad, grad_log_step, None
 
 
-def sums_on_device(device: torch.device) -> bool:
-    """Whether :func:`index_sums` adds with ``index_add_`` (accelerators) rather than ``bincount`` (the CPU)."""
+def accelerator_path(device: torch.device) -> bool:
+    """Whether training's passes on ``device`` take the accelerator path, which reads nothing back to the host
+    (:func:`index_sums` adds with ``index_add_``; the training rate builds its grid on the device every step),
+    rather than the CPU's (``bincount``; a grid kept while the latents fit, checked on the host)."""
     return device.type != "cpu"
 
 
@@ -155,7 +157,7 @@ def index_sums(index: torch.Tensor, weights: torch.Tensor | None, size: int) -> 
     ``weights``. A ``bincount`` on the CPU (float64 sums of weights); an ``index_add_`` on accelerators (sums in the
     weights' dtype), where a bincount reads its input's range back to the host first: two synchronizations that
     stall the step. Counts are exact in float32 below 2**24 per slot."""
-    if not sums_on_device(index.device):
+    if not accelerator_path(index.device):
         return torch.bincount(index, weights, minlength=size)
     values = weights if weights is not None else torch.ones((), device=index.device).expand(index.numel())
     return torch.zeros(size, dtype=values.dtype, device=index.device).index_add_(0, index, values)
