@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,25 @@ def _label_status(labels: torch.Tensor) -> str:
     return "none" if bool(unknown.all()) else "some" if bool(unknown.any()) else "all"
 
 
+LABEL_STATUS_KEY = "epr_label_status"
+
+
+class LabelStatusCollator:
+    """A data collator whose batches also say whether their labels are all known, partly unknown (-1) or all unknown
+    (under ``LABEL_STATUS_KEY``), found where the labels are made, on the host: accelerate moves each batch to the
+    device before the Trainer sees it, where finding out would stall every step twice."""
+
+    def __init__(self, collator: Callable):
+        self.collator = collator
+
+    def __call__(self, features: list) -> Any:
+        batch = self.collator(features)
+        labels = batch.get("labels") if isinstance(batch, MutableMapping) else None
+        if isinstance(labels, torch.Tensor) and labels.device.type == "cpu":
+            batch[LABEL_STATUS_KEY] = _label_status(labels)
+        return batch
+
+
 class EPRTrainer(Trainer):
     """Trainer for an :class:`EPRModel`: rate term, label preservation, real coded size at evaluation.
 
@@ -159,6 +179,7 @@ class EPRTrainer(Trainer):
 
     def __init__(self, *args: Any, reference_model: torch.nn.Module | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.data_collator = LabelStatusCollator(self.data_collator)
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, EPRModel):
             raise EPRTrainingError(f"EPRTrainer needs an EPRModel (EPRModel.from_base(...)), got {type(model).__name__}")
@@ -265,10 +286,12 @@ class EPRTrainer(Trainer):
         return {n: self.base_weights[n] for n in self.policy.names}
 
     def _prepare_inputs(self, inputs):
-        """Notes whether the batch's labels are all known, partly unknown (-1) or all unknown, while they are
-        still on the host (so that ``compute_loss`` needs no device sync)."""
-        labels = inputs.get("labels") if hasattr(inputs, "get") else None
-        self._label_status = None if labels is None else _label_status(labels)
+        """Notes whether the batch's labels are all known, partly unknown (-1) or all unknown, as the collator
+        found on the host (:class:`LabelStatusCollator`; looked at here only for batches made otherwise), so that
+        ``compute_loss`` needs no device sync."""
+        status = inputs.pop(LABEL_STATUS_KEY, None) if isinstance(inputs, MutableMapping) else None
+        labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
+        self._label_status = None if labels is None else status or _label_status(labels)
         return super()._prepare_inputs(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -336,7 +359,8 @@ class EPRTrainer(Trainer):
             copy = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
         if self.args.kd_mixup > 0:
             a = self.args.kd_mixup
-            m = torch.distributions.Beta(a, a).sample((n,)).to(x.device, x.dtype).view(n, *[1] * (x.ndim - 1))
+            m = torch.distributions.Beta(a, a, validate_args=False).sample((n,)).to(x.device, x.dtype)
+            m = m.view(n, *[1] * (x.ndim - 1))
             perm = torch.randperm(n).to(x.device)
             copy = m * copy + (1 - m) * copy[perm]
         out = {**inputs, key: torch.cat([x, copy])}

@@ -1,4 +1,5 @@
-"""Shared fixtures: a clean subprocess in which hf_epr cannot be imported."""
+"""Shared fixtures: a clean subprocess in which hf_epr cannot be imported; training on the accelerator path, and
+the places where hf_epr reads a tensor's value on the host."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import traceback
+from pathlib import Path
 
 import pytest
+import torch
 
-from hf_epr import EPRConfig, EPRModel
+from hf_epr import EPRConfig, EPRModel, entropy
+from hf_epr.format import decoders
 from hf_epr.testing import tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,3 +57,36 @@ def compressed(tmp_path):
     processor = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor.save_pretrained(folder)
     return model, folder, processor
+
+
+@pytest.fixture
+def accelerator_path(monkeypatch):
+    """Training takes the accelerator path on the CPU: torch operations, nothing read back from the device."""
+    monkeypatch.setattr(decoders, "_native_train", None)
+    for module in (decoders, entropy):
+        monkeypatch.setattr(module, "accelerator_path", lambda device: True)
+
+
+@pytest.fixture
+def hf_epr_tensor_reads(monkeypatch) -> list[str]:
+    """Where hf_epr's code reads a tensor's value on the host from now on (``tolist``, ``item``, ``bool``, ``int`` or
+    ``float`` of a tensor): per read, its hf_epr frames as ``file:function``, outermost first, joined by " > ". The
+    noise offsets, which torch.randint draws on the host, are numbers here (on a GPU they are not device reads)."""
+    reads: list[str] = []
+
+    def recorded(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            ours = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}hf_epr{os.sep}" in f.filename]
+            if ours:
+                reads.append(" > ".join(f"{Path(f.filename).name}:{f.name}" for f in ours))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, recorded(name))
+    randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda high, size, **kw: high // 2 if size == () else randint(high, size,
+                                                                                                       **kw))
+    return reads

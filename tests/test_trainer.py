@@ -94,6 +94,23 @@ def test_partly_labeled_batches(teacher, tmp_path):
     assert len(task) == 2 and all(math.isfinite(t) and t > 0 for t in task)
 
 
+@pytest.mark.parametrize("lp", ["off", "fixed"])
+def test_training_steps_on_the_accelerator_path_read_nothing_from_the_device(lp, teacher, tmp_path, accelerator_path,
+                                                                           hf_epr_tensor_reads):
+    """EPRTrainer steps on the accelerator path read no tensor on the host but the rate's finiteness flag of the step
+    before: whether the labels are known is found by the collator, which sees them on the host before accelerate
+    moves the batch to the device (here half of them unknown)."""
+    data = mnist_subset(256)
+    data.columns["labels"] = data.columns["labels"].masked_fill(torch.arange(256) % 2 == 0, -1)
+    trainer = make_trainer(teacher, tmp_path, steps=4, lp=lp, train=data, logging_steps=100)
+    hf_epr_tensor_reads.clear()
+    trainer.train()
+    in_steps = [r for r in hf_epr_tensor_reads if "compute_loss" in r or "_prepare_inputs" in r]
+    assert in_steps == ["trainer.py:compute_loss > modeling.py:forward > modeling.py:bits > entropy.py:noise_rate > "
+                        "entropy.py:device_grid > entropy.py:read"] * 3, in_steps  # steps 2-4
+    assert sum(r.endswith("trainer.py:__call__ > trainer.py:_label_status") for r in hf_epr_tensor_reads) >= 4
+
+
 def test_bad_arguments(teacher, tmp_path):
     with pytest.raises(EPRTrainingError):
         EPRTrainingArguments(output_dir=str(tmp_path), label_preservation="sometimes")
