@@ -450,10 +450,10 @@ class _LateFlag:
 
 
 class RateWorkspace:
-    """What the training rate keeps between steps: its grid (built again only when a latent leaves it), a buffer of
-    uniform noise read at a random offset each step, and scratch buffers over the latents. Allocating (and first
-    touching) buffers this large every step costs more than the passes over them. Not copied with the model (a
-    copy starts empty)."""
+    """What the training rate keeps between steps: its grid (on the CPU built again only when a latent leaves it;
+    on accelerators at every step, see :meth:`device_grid`), a buffer of uniform noise read at a random offset
+    each step, and scratch buffers over the latents. Allocating (and first touching) buffers this large every
+    step costs more than the passes over them. Not copied with the model (a copy starts empty)."""
 
     def __init__(self) -> None:
         self.grid: RateGrid | None = None
