@@ -153,6 +153,12 @@ class LabelStatusCollator:
     def __init__(self, collator: Callable):
         self.collator = collator
 
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped collator's attributes (the Trainer saves a collator's ``tokenizer``, for one)."""
+        if name == "collator":  # not set yet (while unpickling in a data loader's worker)
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
     def __call__(self, features: list) -> Any:
         batch = self.collator(features)
         labels = batch.get("labels") if isinstance(batch, MutableMapping) else None

@@ -5,16 +5,18 @@ from __future__ import annotations
 import copy
 import json
 import math
+import pickle
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, default_data_collator
 
 from hf_epr import EPRConfig, EPRModel
 from hf_epr.format import WEIGHTS_NAME
 from hf_epr.testing import mnist_reference, mnist_subset
 from hf_epr import EPRError
-from hf_epr.trainer import POLICY_STATE, TRAINING_STATE, EPRTrainer, EPRTrainingArguments, EPRTrainingError
+from hf_epr.trainer import (LABEL_STATUS_KEY, POLICY_STATE, TRAINING_STATE, EPRTrainer, EPRTrainingArguments,
+                             EPRTrainingError, LabelStatusCollator)
 
 TARGET_RATIO, TARGET_STEPS, RAMP, START = 25.0, 300, 0.5, 0.05  # lambda starts low and rises to the target
 
@@ -109,6 +111,22 @@ def test_training_steps_on_the_accelerator_path_read_nothing_from_the_device(lp,
     assert in_steps == ["trainer.py:compute_loss > modeling.py:forward > modeling.py:bits > entropy.py:noise_rate > "
                         "entropy.py:device_grid > entropy.py:read"] * 3, in_steps  # steps 2-4
     assert sum(r.endswith("trainer.py:__call__ > trainer.py:_label_status") for r in hf_epr_tensor_reads) >= 4
+
+
+def test_label_status_collator_wraps_the_collator():
+    """The wrapper adds each batch's label status and otherwise stands for the collator it wraps: its attributes (the
+    Trainer saves a collator's tokenizer) and pickling (data loader workers that spawn)."""
+    class Collator:
+        tokenizer = "the tokenizer"
+
+        def __call__(self, features):
+            return {"labels": torch.tensor(features)}
+
+    wrapped = LabelStatusCollator(Collator())
+    assert wrapped.tokenizer == "the tokenizer"
+    assert [wrapped(f)[LABEL_STATUS_KEY] for f in ([1, 2], [1, -1], [-1, -1])] == ["all", "some", "none"]
+    again = pickle.loads(pickle.dumps(LabelStatusCollator(default_data_collator)))
+    assert again([{"labels": 3, "x": 1.0}])[LABEL_STATUS_KEY] == "all"
 
 
 def test_bad_arguments(teacher, tmp_path):
