@@ -31,8 +31,7 @@ import torch
 from transformers import (AutoModelForImageClassification, ConvNextConfig, ResNetConfig, Trainer, TrainerCallback,
                           TrainingArguments, ViTConfig)
 
-from hf_epr import (EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments,
-                    entropy)
+from hf_epr import EPRCompressedForImageClassification, EPRConfig, EPRModel, EPRTrainer, EPRTrainingArguments
 from hf_epr.data import TensorRows
 from hf_epr.format import decoders
 from hf_epr.results import markdown_table
@@ -298,12 +297,11 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
 
         def cpu_path_step():
             """The step on the CPU's path: bincount sums, the rate's grid kept and checked on the host."""
-            saved = decoders.accelerator_path
-            decoders.accelerator_path = entropy.accelerator_path = lambda device: False
+            saved, decoders.accelerator_path = decoders.accelerator_path, lambda device: False
             try:
                 epr_step()
             finally:
-                decoders.accelerator_path = entropy.accelerator_path = saved
+                decoders.accelerator_path = saved
 
         def rate():
             (epr.bits() / n).backward()

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .format.decoders import (DecoderKind, accelerator_path, host, index_sums, native_train, round_latent,
-                              small_tensor_limit)
+from .format import decoders  # (its accelerator_path looked up at call time: one switch for both modules)
+from .format.decoders import DecoderKind, host, index_sums, native_train, round_latent, small_tensor_limit
 from .format.errors import EPRError
 
 
@@ -571,7 +571,7 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         pick = int(torch.randint(stride, ())) if stride > 1 else 0
         # grid position of every noisy value, (z - shift) / step + noise - origin in grid spacings, with its
         # channel's coefficients: z * a + b + noise * c
-        if not compiled and accelerator_path(device):  # nothing read back to the host: a grid built on the device
+        if not compiled and decoders.accelerator_path(device):  # nothing read back to the host: a grid built on the device
             grid = workspace.device_grid(tensors, layout, step, shift, resolution, max_bins, dtype)
             c = 1 / grid.h  # per channel (one number for all would need the host to find that they are alike)
             a, b = c / step, -(shift / step + grid.origin) * c

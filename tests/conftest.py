@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_epr import EPRConfig, EPRModel, entropy
+from hf_epr import EPRConfig, EPRModel
 from hf_epr.format import decoders
 from hf_epr.testing import tiny_model
 
@@ -63,8 +63,7 @@ def compressed(tmp_path):
 def accelerator_path(monkeypatch):
     """Training takes the accelerator path on the CPU: torch operations, nothing read back from the device."""
     monkeypatch.setattr(decoders, "_native_train", None)
-    for module in (decoders, entropy):
-        monkeypatch.setattr(module, "accelerator_path", lambda device: True)
+    monkeypatch.setattr(decoders, "accelerator_path", lambda device: True)
 
 
 @pytest.fixture
