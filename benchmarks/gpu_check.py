@@ -246,13 +246,14 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
     return rows, checks
 
 
-def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
+def profile_model(name: str, args, device: str) -> tuple[list[dict], str, dict]:
     """Where one training step's time goes (manual loop, AdamW, lambda 0.5): wall time of the plain model's step,
     EPR's step, its rate term alone, and two variants of EPR's step: every tensor decoded and placed together (the
     accelerator's small-tensor limit raised), and the CPU's path (sums as bincounts, two host synchronizations each,
     and the rate's grid kept between steps and checked on the host: what accelerators ran before their own path);
     from the profiler, the kernels launched and the GPU's busy time per step, host-device synchronizations (sites
-    named by file and line), and the top operations of EPR's step and rate."""
+    named by file and line), the top operations of EPR's step and rate, and the operations whose time differs most
+    between EPR's step and the plain one (device time on CUDA: where the extra work is)."""
     import warnings
     from torch.profiler import ProfilerActivity, profile
 
@@ -273,7 +274,7 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
     base = base.to(device).train()
     y = torch.randint(0, base.config.num_labels, (batch,), device=device)
     n = epr.num_compressed_parameters
-    rows, text = [], ""
+    rows, text, differences = [], "", {}
     for bf16 in (False, True):
         def training_step(model, rate: bool):
             """One AdamW step of ``model`` (its own optimizer, new for each precision); with ``rate``, an EPR
@@ -307,7 +308,7 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
             (epr.bits() / n).backward()
             epr.zero_grad(set_to_none=True)
 
-        label = "bf16" if bf16 else "fp32"
+        label, per_op = "bf16" if bf16 else "fp32", {}
         for part, fn in (("plain step", plain_step), ("EPR step", epr_step), ("rate fwd+bwd", rate),
                          ("EPR step, all tensors batched", batched_step),
                          ("EPR step, CPU's path (host syncs)", cpu_path_step)):
@@ -335,7 +336,10 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
                     fn()
                 sync()
             events = prof.key_averages()
-            kernels = [e for e in events if e.device_type.name == "CUDA"]
+            per_op[part] = op_times(events, device, profiled)
+            # the device's work: kernels and copies (not the GPU-side spans of annotations such as the optimizer's
+            # step, which cover its kernels and the gaps between them)
+            kernels = [e for e in events if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
             gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000 / profiled
             launches = sum(e.count for e in kernels) / profiled
             rows.append({"model": name, "precision": label, "part": part, "wall_ms": round(ms, 2),
@@ -350,7 +354,33 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str]:
                     text += (f"\n### {name} {label} {part}: by host time\n\n```\n"
                              + events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
                              + "```\n")
-    return rows, text
+        differences[label] = op_differences(per_op["EPR step"], per_op["plain step"])
+        text += (f"\n### {name} {label}: EPR step less plain step, by operation ({'device' if device == 'cuda' else 'host'}"
+                 " ms per step, largest differences)\n\n"
+                 + markdown_table(differences[label][:15] + differences[label][-1:]) + "\n")
+    return rows, text, {name: differences}
+
+
+def op_times(events, device: str, calls: int) -> dict[str, tuple[float, float]]:
+    """Per operator (aten operations and autograd functions, as the host launched them): (calls, ms) per profiled
+    call, the ms being the device time of the kernels it launched itself on CUDA, its own host time elsewhere."""
+    cuda = device == "cuda"
+    return {e.key: (e.count / calls, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / calls)
+            for e in events if e.device_type.name == "CPU" and not getattr(e, "is_user_annotation", False)}
+
+
+def op_differences(epr: dict, plain: dict) -> list[dict]:
+    """Every operation of two steps' :func:`op_times`, the largest difference in time first, then the total."""
+    keys = sorted(set(epr) | set(plain), key=lambda k: -abs(epr.get(k, (0, 0))[1] - plain.get(k, (0, 0))[1]))
+    out = [{"operation": k[:70], "epr_calls": round(epr.get(k, (0, 0))[0], 1),
+            "plain_calls": round(plain.get(k, (0, 0))[0], 1), "epr_ms": round(epr.get(k, (0, 0))[1], 3),
+            "plain_ms": round(plain.get(k, (0, 0))[1], 3),
+            "difference_ms": round(epr.get(k, (0, 0))[1] - plain.get(k, (0, 0))[1], 3)} for k in keys]
+    total = {k: sum(v[1] for v in side.values()) for k, side in (("epr", epr), ("plain", plain))}
+    out.append({"operation": "all operations", "epr_calls": round(sum(v[0] for v in epr.values()), 1),
+                "plain_calls": round(sum(v[0] for v in plain.values()), 1), "epr_ms": round(total["epr"], 3),
+                "plain_ms": round(total["plain"], 3), "difference_ms": round(total["epr"] - total["plain"], 3)})
+    return out
 
 
 def fsdp_worker(out: str, small: bool) -> None:
@@ -407,16 +437,19 @@ def main() -> None:
     log(f"device: {name}; torch {torch.__version__}")
     t0 = time.time()
     if args.profile:
-        rows, details = [], ""
+        rows, details, differences = [], "", {}
         for model in args.models:
-            r, d = profile_model(model, args, device)
+            r, d, diff = profile_model(model, args, device)
             rows, details = rows + r, details + d
+            differences.update(diff)
         text = (f"Device: {name}; torch {torch.__version__}; batch {8 if args.small else 64}, "
                 f"{args.steps} timed steps; wall {time.time() - t0:.0f} s\n\n" + markdown_table(rows) + "\n" + details)
-        save_results("gpu_check_profile", text, {"device": name, "rows": rows}, quick=args.small)
+        data = {"device": name, "torch": torch.__version__, "rows": rows, "epr_less_plain": differences}
+        save_results("gpu_check_profile", text, data, quick=args.small)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             Path(args.out, "gpu_check_profile.md").write_text(text)
+            Path(args.out, "gpu_check_profile.json").write_text(json.dumps(data, indent=1))
         return
     steps, checks = [], []
     with tempfile.TemporaryDirectory() as scratch:

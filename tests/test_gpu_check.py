@@ -27,3 +27,22 @@ def test_gpu_check_runs_its_whole_flow_at_small_sizes(tmp_path):
     assert check["plain_load_s"] > 0 and check["fp32_load_s"] > 0 and check["wrapper_load_s"] > 0
     assert check["plain_load_stages_s"].startswith("config ") and "transformers" in check["plain_load_stages_s"]
     assert result["fsdp2"]["reloaded_latents_equal"] is True
+
+
+def test_gpu_check_profile_compares_the_steps_operation_by_operation(tmp_path):
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--profile", "--small", "--models", "resnet50", "--steps", "1",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check_profile.json").read_text())
+    parts = {(row["precision"], row["part"]) for row in result["rows"]}
+    assert {("fp32", "plain step"), ("fp32", "EPR step"), ("bf16", "rate fwd+bwd"),
+            ("bf16", "EPR step, CPU's path (host syncs)")} <= parts
+    assert all(row["wall_ms"] > 0 and row["syncs"] == 0 for row in result["rows"])  # no sync counted off CUDA
+    for label in ("fp32", "bf16"):
+        rows = result["epr_less_plain"]["resnet50"][label]
+        total = rows[-1]
+        assert total["operation"] == "all operations" and total["epr_calls"] > total["plain_calls"]
+        assert any(r["operation"] == "_QuantizeTogether" and r["plain_calls"] == 0 for r in rows), rows
+    assert "EPR step less plain step" in (tmp_path / "gpu_check_profile.md").read_text()
