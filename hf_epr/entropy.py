@@ -168,18 +168,30 @@ class RateLayout:
     def key_of(tensors: Sequence[LatentTensor]) -> tuple:
         return tuple((id(t.z), tuple(t.z.shape), id(t.kind), t.z.device) for t in tensors)
 
+    def check_params(self, params: torch.Tensor | None) -> None:
+        """Raise EPRError unless ``params`` (the tensors' parameters back to back, when the caller holds them so)
+        is one flat tensor of their number of elements."""
+        if params is not None and (params.ndim != 1 or params.numel() != sum(self.param_sizes)):
+            raise EPRError(f"params has shape {tuple(params.shape)}; the tensors' decoders have "
+                           f"{sum(self.param_sizes)} parameters, to be passed as one flat tensor")
+
     @torch.no_grad()  # (not a detach per tensor: an operation each, for nothing but the host's time)
-    def steps_and_shifts(self, tensors: Sequence[LatentTensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log_step, shift) of every channel, detached (shift 0 for kinds without shifts)."""
-        flat = torch.cat([*(t.params for t in tensors), tensors[0].params.new_zeros(1)])
+    def steps_and_shifts(self, tensors: Sequence[LatentTensor],
+                         params: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_step, shift) of every channel, detached (shift 0 for kinds without shifts). ``params``: see
+        :meth:`check_params` (else the tensors' own are put together)."""
+        parts = [params.reshape(-1)] if params is not None else [t.params for t in tensors]
+        flat = torch.cat([*parts, parts[0].new_zeros(1)])
         return flat[self.step_index], flat[self.shift_index]
 
-    def steering(self, tensors: Sequence[LatentTensor], grad_log_step: torch.Tensor,
-                 grad_shift: torch.Tensor) -> torch.Tensor:
+    def steering(self, tensors: Sequence[LatentTensor], grad_log_step: torch.Tensor, grad_shift: torch.Tensor,
+                 params: torch.Tensor | None = None) -> torch.Tensor:
         """A zero-valued term whose gradients to the decoders' parameters are the given ones (per channel; shifts of
-        kinds without shifts dropped)."""
+        kinds without shifts dropped): to ``params`` when given (see :meth:`check_params`), else to each tensor's."""
         flat = grad_log_step.new_zeros(sum(self.param_sizes) + 1)
         flat.index_add_(0, self.step_index, grad_log_step).index_add_(0, self.shift_index, grad_shift)
+        if params is not None:
+            return _ParamGradient.apply(flat[:-1], params)
         return _ParamGradient.apply(flat[:-1], *[t.params for t in tensors])
 
     @torch.no_grad()
@@ -539,7 +551,8 @@ class RateWorkspace:
 
 
 def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], resolution: int = 4,
-               max_bins: int = 64, workspace: RateWorkspace | None = None) -> torch.Tensor:
+               max_bins: int = 64, workspace: RateWorkspace | None = None,
+               params: torch.Tensor | None = None) -> torch.Tensor:
     """Bits of every latent plus one uniform noise draw, u + U(-1/2, 1/2), under ``density`` (the uniform-noise
     relaxation of Ballé et al., sampled: the training rate of ``rate_relaxation="noise"``).
 
@@ -551,7 +564,9 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
     that; the value is the same estimate. The passes over the latents run in place in ``workspace``'s buffers (pass
     the same workspace every step; its grid is kept while every latent fits, or on accelerators built on the device
     at every step, so that nothing is read back to the host); noise comes from its fixed random buffer at a random
-    offset. Its expectation is :func:`grid_rate`'s ``smooth`` estimate; training uses the sampled form, whose runs
+    offset. ``params``: the tensors' decoder parameters back to back, where the caller holds them as one tensor
+    (the step sizes' and shifts' gradients then go to it, in one piece). Its expectation is :func:`grid_rate`'s
+    ``smooth`` estimate; training uses the sampled form, whose runs
     reach smaller files at better accuracy than runs on the deterministic expectation (see the README's Results).
     """
     workspace = workspace if workspace is not None else RateWorkspace()
@@ -559,7 +574,8 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
     n = sum(t.z.numel() for t in tensors)
     with torch.no_grad():
         layout = workspace.layout(tensors)
-        log_step, shift = layout.steps_and_shifts(tensors)
+        layout.check_params(params)
+        log_step, shift = layout.steps_and_shifts(tensors, params)
         step = log_step.exp()
         channels = step.numel()
         # the sums over latents are estimated from every stride-th block above SAMPLED_LATENTS
@@ -607,7 +623,7 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         grad_log_step = -(per_unit * units).sum(1)
         grad_shift = -(per_unit * count).sum(1) / step
         per_latent = (per_unit / step[:, None]).reshape(-1)  # bits per latent unit z
-    return ((f * weight).sum() + layout.steering(tensors, grad_log_step, grad_shift)
+    return ((f * weight).sum() + layout.steering(tensors, grad_log_step, grad_shift, params)
             + _CellGradient.apply(index, per_latent, workspace, layout, *[t.z for t in tensors]))
 
 

@@ -56,12 +56,12 @@ class EPRModel(PreTrainedModel):
         self.model = base_model if base_model is not None else _build(config.to_base_config())
         self.model.config.architectures = [type(self.model).__name__]  # what loading builds again
         self.epr_config = EPRConfig.from_dict(config.epr or {})
-        self.entries: list[CompressedTensor] = attach(self.model, self.epr_config, initialize)
+        self.entries, self.decoder_parameters = attach(self.model, self.epr_config, initialize)
         channels = sum(e.kind.num_groups for e in self.entries)
         spreads = torch.cat([self._spread(e) for e in self.entries]) if initialize and self.entries else None
         self.density = FactorizedDensity(channels, spreads, self.epr_config.density_filters)
         self.rate_workspace = RateWorkspace()  # the training rate's buffers, kept between steps
-        self.decode_batch = DecodeBatch(self.entries)  # the small tensors, decoded together in forward
+        self.decode_batch = DecodeBatch(self.entries, self.decoder_parameters)  # the small tensors, together
         self.main_input_name = getattr(self.model, "main_input_name", "pixel_values")
         self.post_init()
 
@@ -156,7 +156,8 @@ class EPRModel(PreTrainedModel):
         with torch.autocast(self.device.type, enabled=False):
             tensors = self.latent_tensors()
             if noise:
-                return noise_rate(self.density, tensors, workspace=self.rate_workspace)
+                return noise_rate(self.density, tensors, workspace=self.rate_workspace,
+                                  params=self.decoder_parameters.flat)
             return grid_rate(self.density, tensors)
 
     @torch.no_grad()
@@ -208,7 +209,7 @@ class EPRModel(PreTrainedModel):
         """Parameters by role: ``latents``, ``decoders``, ``density`` and ``raw`` (everything else)."""
         groups = {
             "latents": [e.latent for e in self.entries],
-            "decoders": [e.decoder.params for e in self.entries],
+            "decoders": [self.decoder_parameters.flat],
             "density": list(self.density.parameters()),
         }
         seen = {id(p) for ps in groups.values() for p in ps}

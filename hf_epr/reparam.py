@@ -13,15 +13,33 @@ from .config import EPRConfig
 from .format.decoders import DECODER_KINDS, DecoderKind, quantize_together, small_tensor_limit, weight_spread
 
 
-class LatentDecoder(nn.Module):
-    """The parametrization of one compressed tensor: ``weight = kind.forward(latent, params)``, with the
-    decoder's parameters (log steps, shifts) as one flat learned vector."""
+class DecoderParameters(nn.Module):
+    """Every compressed tensor's decoder parameters (log steps, then shifts for kinds with shifts) back to back in one
+    learned vector, ``flat``: one optimizer entry, one autograd leaf and one gradient for all of them, which the passes
+    over many tensors at once (decoding the small tensors, the training rate) read and write as they are. Each
+    tensor's decoder reads its slice."""
 
-    def __init__(self, kind: DecoderKind, params: torch.Tensor):
+    def __init__(self, params: list[torch.Tensor]):
         super().__init__()
-        self.kind = kind
-        self.params = nn.Parameter(params.detach().float().contiguous())
+        flat = torch.cat([p.detach().float().reshape(-1) for p in params]) if params else torch.zeros(0)
+        self.flat = nn.Parameter(flat)
+
+
+class LatentDecoder(nn.Module):
+    """The parametrization of one compressed tensor: ``weight = kind.forward(latent, params)``, its parameters (log
+    steps, shifts) being its slice of the model's :class:`DecoderParameters` from ``offset``."""
+
+    def __init__(self, kind: DecoderKind, pool: DecoderParameters, offset: int):
+        super().__init__()
+        self.kind, self.offset = kind, offset
+        object.__setattr__(self, "pool", pool)  # not a submodule: the model holds it (one copy in state_dict)
         self.keep_memory = False  # right_inverse passes the weight through (its values are about to be loaded)
+
+    @property
+    def params(self) -> torch.Tensor:
+        """This tensor's decoder parameters: a view of the pool (read at call time: FSDP2 swaps the pool's
+        parameter between its sharded and whole forms)."""
+        return self.pool.flat[self.offset: self.offset + self.kind.num_params]
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         """Weights -> latent (the value the parameter starts from)."""
@@ -73,13 +91,14 @@ class DecodeBatch:
     its operations' fixed overhead, not its size, so a model of many small tensors (biases, norms, small kernels)
     spends most of its decoding time on it. What is small depends on the device (:func:`small_tensor_limit`)."""
 
-    def __init__(self, entries: list[CompressedTensor]):
+    def __init__(self, entries: list[CompressedTensor], pool: DecoderParameters):
         self.candidates = entries
+        object.__setattr__(self, "pool", pool)
         self._plans: dict[str, tuple | None] = {}
 
     def _plan(self, device: torch.device) -> tuple | None:
         """The batched tensors on ``device`` in runs that transform alike, and per latent element where its log step
-        lies in the decoders' parameters concatenated, and its shift for the elements of kinds with shifts (first);
+        lies in the decoders' parameters (the pool), and its shift for the elements of kinds with shifts (first);
         the same as each tensor's step pattern and shift offset for the compiled loops; None when fewer than two
         tensors are small."""
         key = str(device)
@@ -90,18 +109,17 @@ class DecodeBatch:
             small.sort(key=lambda e: (not e.kind.has_shift, e.kind.transform_key is not None,
                                       str(e.kind.transform_key)))
             runs: list[list[CompressedTensor]] = []
-            steps, shifts, patterns, start = [], [], [], 0
+            steps, shifts, patterns = [], [], []
             for e in small:
                 if runs and runs[-1][0].kind.transform_key == e.kind.transform_key:
                     runs[-1].append(e)
                 else:
                     runs.append([e])
-                group, g = e.kind.group_index(device), e.kind.num_groups
+                group, g, start = e.kind.group_index(device), e.kind.num_groups, e.decoder.offset
                 steps.append(group + start)
                 if e.kind.has_shift:
                     shifts.append(group + start + g)
                 patterns.append(e.kind.compiled_steps(start))
-                start += e.decoder.params.numel()
             self._plans[key] = None if len(small) < 2 else (
                 runs, torch.cat(steps), torch.cat(shifts) if shifts else steps[0].new_zeros(0), patterns)
         return self._plans[key]
@@ -113,8 +131,7 @@ class DecodeBatch:
             return []
         runs, step_index, shift_index, patterns = plan
         batch = [e for run in runs for e in run]
-        flat = quantize_together([e.latent for e in batch], [e.decoder.params for e in batch], step_index, shift_index,
-                                 patterns)
+        flat = quantize_together([e.latent for e in batch], self.pool.flat, step_index, shift_index, patterns)
         weights, start = [], 0
         for run in runs:  # consecutive entries that transform alike: one transform for all
             sizes = [e.latent.numel() for e in run]
@@ -129,17 +146,13 @@ def is_compressed(p: torch.Tensor, config: EPRConfig) -> bool:
     return p.is_floating_point() and p.requires_grad and p.numel() >= config.raw_threshold
 
 
-def choose_decoder(p: torch.Tensor, config: EPRConfig, default_spread: float | None = 1e-2) -> LatentDecoder | None:
+def choose_kind(p: torch.Tensor, config: EPRConfig) -> DecoderKind | None:
     """``config.conv_decoder`` for k x k kernels (k > 1), ``config.dense_decoder`` for other tensors, None (raw)
-    for small, integer or frozen ones. Constant tensors start with a step from ``default_spread``; with
-    ``default_spread=None`` the parameters start at zero (to be loaded)."""
+    for small, integer or frozen ones."""
     if not is_compressed(p, config):
         return None
     name = config.conv_decoder if p.ndim == 4 and p.shape[-1] * p.shape[-2] > 1 else config.dense_decoder
-    kind = DECODER_KINDS[name].for_weight(tuple(p.shape), config.to_dict())
-    if default_spread is None:
-        return LatentDecoder(kind, torch.zeros(kind.num_params, device=p.device))
-    return LatentDecoder(kind, kind.initial_params(p, config.init_step_ratio, default_spread).to(p.device))
+    return DECODER_KINDS[name].for_weight(tuple(p.shape), config.to_dict())
 
 
 def typical_spread(model: nn.Module, config: EPRConfig) -> float:
@@ -148,18 +161,25 @@ def typical_spread(model: nn.Module, config: EPRConfig) -> float:
     return float(np.median(spreads)) if spreads else 1e-2
 
 
-def attach(model: nn.Module, config: EPRConfig, initialize: bool = True) -> list[CompressedTensor]:
-    """Reparameterize every large trainable parameter of ``model`` in place; returns them in order. With
-    ``initialize=False`` (latents and decoders about to be loaded) nothing is computed from the weights: each
-    latent keeps its weight's memory, and the decoders' parameters start at zero."""
+def attach(model: nn.Module, config: EPRConfig,
+           initialize: bool = True) -> tuple[list[CompressedTensor], DecoderParameters]:
+    """Reparameterize every large trainable parameter of ``model`` in place; returns them in order, and their
+    decoders' parameters (for the caller to hold). Decoders start from each weight's spread (a constant tensor from
+    the model's typical spread). With ``initialize=False`` (latents and decoders about to be loaded) nothing is
+    computed from the weights: each latent keeps its weight's memory, and the decoders' parameters start at zero."""
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
-    compressed, default_spread = [], typical_spread(model, config) if initialize else None
-    for name, p in list(model.named_parameters()):
-        decoder = choose_decoder(p, config, default_spread)
-        if decoder is None:
-            continue
+    default_spread = typical_spread(model, config) if initialize else None
+    chosen = [(name, p, kind) for name, p in list(model.named_parameters())
+              if (kind := choose_kind(p, config)) is not None]
+    initial = [kind.initial_params(p, config.init_step_ratio, default_spread).to(p.device) if initialize
+               else torch.zeros(kind.num_params, device=p.device) for _, p, kind in chosen]
+    pool = DecoderParameters(initial)
+    compressed, offset = [], 0
+    for name, p, kind in chosen:
+        decoder = LatentDecoder(kind, pool, offset)
+        offset += kind.num_params
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         decoder.keep_memory = not initialize
@@ -173,4 +193,4 @@ def attach(model: nn.Module, config: EPRConfig, initialize: bool = True) -> list
             alias_module.register_buffer(alias_attr, torch.zeros(0), persistent=False)
             parametrize.register_parametrization(alias_module, alias_attr, SharedWeight(module, attr), unsafe=True)
         compressed.append(CompressedTensor(name, module, attr, decoder, aliases))
-    return compressed
+    return compressed, pool

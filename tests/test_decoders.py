@@ -123,23 +123,27 @@ def test_quantizing_tensors_together_equals_one_by_one(kinds, loops, monkeypatch
     if kinds == "affine and dct":
         specs = [AffineKind((30,)), AffineKind((7, 9))] + specs
     zs = [(torch.randn(k.shape) * 0.1).requires_grad_() for k in specs]
-    params = [k.initial_params(z.detach(), 1 / 16).requires_grad_() for k, z in zip(specs, zs)]
-    steps, shifts, patterns, start = [], [], [], 0
-    for k, p in zip(specs, params):
+    # the decoders' parameters back to back, after 3 of a tensor decoded on its own (no gradient from here)
+    params = [torch.tensor([0.5, -1.0, 2.0])] + [k.initial_params(z.detach(), 1 / 16) for k, z in zip(specs, zs)]
+    pool = torch.cat(params).requires_grad_()
+    steps, shifts, patterns, start, slices = [], [], [], 3, []
+    for k in specs:
         group = k.group_index()
         steps.append(group + start)
         if k.has_shift:
             shifts.append(group + start + k.num_groups)
         patterns.append(k.compiled_steps(start))
-        start += p.numel()
+        slices.append(slice(start, start + k.num_params))
+        start += k.num_params
     no_shift = torch.zeros(0, dtype=torch.long)
-    flat = quantize_together(zs, params, torch.cat(steps), torch.cat(shifts) if shifts else no_shift, patterns)
+    flat = quantize_together(zs, pool, torch.cat(steps), torch.cat(shifts) if shifts else no_shift, patterns)
     weights = torch.linspace(-1, 1, flat.numel())
     (flat * weights).sum().backward()
-    together = [t.grad.clone() for t in zs + params]
-    for t in zs + params:
+    together = [t.grad.clone() for t in zs + [pool]]
+    assert torch.equal(pool.grad[:3], torch.zeros(3))
+    for t in zs + [pool]:
         t.grad = None
-    one_by_one = torch.cat([_QuantizeSTE.apply(z, p, k).reshape(-1) for k, z, p in zip(specs, zs, params)])
+    one_by_one = torch.cat([_QuantizeSTE.apply(z, pool[where], k).reshape(-1) for k, z, where in zip(specs, zs, slices)])
     (one_by_one * weights).sum().backward()
     assert torch.equal(flat.detach(), one_by_one.detach())
-    assert all(torch.allclose(a, t.grad, rtol=1e-5, atol=1e-7) for a, t in zip(together, zs + params))
+    assert all(torch.allclose(a, t.grad, rtol=1e-5, atol=1e-7) for a, t in zip(together, zs + [pool]))

@@ -191,6 +191,25 @@ def test_small_tensors_placed_together_give_the_rate_of_tensors_placed_one_by_on
                                                 for g, h in zip(grads_a, grads_b))
 
 
+@pytest.mark.parametrize("family", ["convnext", "resnet"])
+def test_training_rate_steers_the_decoders_parameters_held_as_one_tensor(family):
+    """The model holds every decoder's parameters in one tensor; given it, the training rate sends the step sizes'
+    and shifts' gradients to it in one piece, equal to what each tensor's own parameters get apart."""
+    model = EPRModel.from_base(tiny_model(family), EPRConfig(init_step_ratio=0.05)).train()
+    flat = model.decoder_parameters.flat
+    apart = [t.params.detach().clone().requires_grad_() for t in model.latent_tensors()]
+    tensors = [LatentTensor(t.z, t.kind, p) for t, p in zip(model.latent_tensors(), apart)]
+    grads = []
+    for params, given in ((apart, None), ([flat], flat)):
+        torch.manual_seed(0)
+        model.zero_grad(set_to_none=True)
+        noise_rate(model.density, tensors, workspace=entropy.RateWorkspace(), params=given).backward()
+        grads.append(torch.cat([p.grad for p in params]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    with pytest.raises(EPRError, match="one flat tensor"):
+        noise_rate(model.density, tensors, workspace=entropy.RateWorkspace(), params=flat[1:])
+
+
 @pytest.mark.parametrize("sampled", [False, True])
 def test_training_rate_on_the_accelerator_path_equals_the_cpu_path(sampled, monkeypatch):
     """On accelerators the training rate reads nothing back to the host (its grid built on the device with room for

@@ -32,6 +32,20 @@ def test_wrap_reproduces_base(family):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.999
 
 
+def test_decoders_parameters_are_one_tensor_that_each_decoder_views():
+    """One optimizer entry and one gradient for every decoder's parameters: each tensor's are a slice of the model's
+    one tensor, in order; a copy of the model views its own."""
+    model = EPRModel.from_base(tiny_model("resnet"))
+    flat = model.decoder_parameters.flat
+    assert model.parameter_groups()["decoders"] == [flat]
+    assert flat.numel() == sum(e.kind.num_params for e in model.entries) > len(model.entries)
+    assert torch.equal(torch.cat([e.decoder.params for e in model.entries]), flat)
+    assert all(e.decoder.params.data_ptr() == flat[e.decoder.offset:].data_ptr() for e in model.entries)
+    assert sum(1 for name, _ in model.named_parameters() if "decoder" in name) == 1
+    twin = copy.deepcopy(model)
+    assert twin.entries[0].decoder.params.data_ptr() == twin.decoder_parameters.flat.data_ptr() != flat.data_ptr()
+
+
 def test_from_pretrained_exact_and_resave_identical(tmp_path):
     model = EPRModel.from_base(tiny_model("resnet"), EPRConfig(rate_lambda=0.1))
     train_a_few_steps(model, tiny_inputs("resnet"), steps=3)

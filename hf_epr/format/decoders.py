@@ -164,18 +164,17 @@ def index_sums(index: torch.Tensor, weights: torch.Tensor | None, size: int) -> 
 
 
 class _QuantizeTogether(torch.autograd.Function):
-    """:class:`_QuantizeSTE` for several tensors in one operation: ``count`` latents, then their flat parameters.
-    ``step_index`` gives each latent element (all tensors' elements in order) the place of its log step in the
-    parameters concatenated; ``shift_index`` that of its shift, for the leading elements whose kinds have shifts
-    (the tensors of kinds with shifts come first). ``patterns``: the same places as each tensor's
-    :meth:`DecoderKind.compiled_steps`, for the compiled loops."""
+    """:class:`_QuantizeSTE` for several tensors in one operation: the latents ``zs``, then the flat parameters of
+    their decoders (all of them back to back: a tensor's parameters are a slice). ``step_index`` gives each latent
+    element (all tensors' elements in order) the place of its log step in the parameters; ``shift_index`` that of
+    its shift, for the leading elements whose kinds have shifts (the tensors of kinds with shifts come first).
+    ``patterns``: the same places as each tensor's :meth:`DecoderKind.compiled_steps`, for the compiled loops."""
 
     @staticmethod
     def forward(ctx, step_index: torch.Tensor, shift_index: torch.Tensor, patterns: list[tuple[np.ndarray, int]],
-                count: int, *tensors: torch.Tensor) -> torch.Tensor:
-        zs, params = tensors[:count], tensors[count:]
-        flat = torch.cat([p.reshape(-1) for p in params])
-        ctx.sizes, ctx.shapes = [p.numel() for p in params], [t.shape for t in zs]
+                params: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
+        flat = params.detach().reshape(-1)
+        ctx.shapes, ctx.params = [t.shape for t in zs], (params.numel(), params.dtype, params.shape)
         compiled = native_train(flat, *zs)
         ctx.patterns = patterns if compiled is not None else None
         if compiled is not None:  # one pass over the tensors where they are; the backward reads x - z from x and z
@@ -194,16 +193,17 @@ class _QuantizeTogether(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad, sizes = grad.contiguous(), [math.prod(s) for s in ctx.shapes]
+        numel, dtype, shape = ctx.params
         if ctx.patterns is not None:
             x, *zs = ctx.saved_tensors
-            dtype, per_param = x.dtype, torch.empty(sum(ctx.sizes), dtype=torch.float64)
+            per_param = torch.empty(numel, dtype=torch.float64)
             native_train(x).group_sums([(host(z).reshape(-1), *p) for z, p in zip(zs, ctx.patterns)], host(grad),
                                        host(x), host(per_param, True), torch.get_num_threads())  # shifts get 0
         else:
             diff, step_index = ctx.saved_tensors
-            dtype, per_param = diff.dtype, index_sums(step_index, (grad * diff).double(), sum(ctx.sizes))
-        grads = [g.view(shape) for g, shape in zip(grad.split(sizes), ctx.shapes)]
-        return (None, None, None, None, *grads, *per_param.to(dtype).split(ctx.sizes))
+            per_param = index_sums(step_index, (grad * diff).double(), numel)
+        grads = [g.view(s) for g, s in zip(grad.split(sizes), ctx.shapes)]
+        return None, None, None, per_param.to(dtype).view(shape), *grads
 
 
 SMALL_TENSOR = 1 << 16  # on the CPU, tensors up to this many elements are handled together (decoding, training rate)
@@ -217,12 +217,13 @@ def small_tensor_limit(device: torch.device) -> int:
     return SMALL_TENSOR if torch.device(device).type == "cpu" else SMALL_TENSOR_ACCELERATOR
 
 
-def quantize_together(zs: list[torch.Tensor], params: list[torch.Tensor], step_index: torch.Tensor,
+def quantize_together(zs: list[torch.Tensor], params: torch.Tensor, step_index: torch.Tensor,
                       shift_index: torch.Tensor, patterns: list[tuple[np.ndarray, int]]) -> torch.Tensor:
     """The quantized latents of several tensors (each ``kind.forward`` before its transform), flat and back to back,
-    in one operation and one autograd node: the per-operation cost of many small tensors paid once. See
+    in one operation and one autograd node: the per-operation cost of many small tensors paid once. ``params``: the
+    decoders' parameters, flat (``step_index``, ``shift_index`` and ``patterns`` place each tensor's in it). See
     :class:`_QuantizeTogether`."""
-    return _QuantizeTogether.apply(step_index, shift_index, patterns, len(zs), *zs, *params)
+    return _QuantizeTogether.apply(step_index, shift_index, patterns, params, *zs)
 
 
 class DecoderKind:
