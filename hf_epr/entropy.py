@@ -124,6 +124,16 @@ class LatentTensor(NamedTuple):
         return self.kind.params_split(self.params)[1]
 
 
+class SmallLatents(NamedTuple):
+    """How the caller holds the small tensors: their ``order`` (indices into the rate's tensors), which the training
+    rate places them in, and, when the forward's batched decoding concatenated them in torch operations (with
+    autograd), that concatenation: the rate reads it as it is and sends it its gradient in one piece, which autograd
+    adds to the decoding's once instead of once per tensor."""
+
+    order: tuple[int, ...]
+    flat: torch.Tensor | None = None
+
+
 class RateLayout:
     """Where every latent tensor lies in the rate's flat buffers, and its channels and parameters. With ``batched``,
     the small tensors (up to :func:`small_tensor_limit` elements) come first, back to back, and are placed together with
@@ -131,13 +141,17 @@ class RateLayout:
     operations). The large ones follow, each placed on its own with its groups' coefficients broadcast (no
     per-element index)."""
 
-    def __init__(self, tensors: Sequence[LatentTensor], batched: bool = False):
+    def __init__(self, tensors: Sequence[LatentTensor], batched: bool = False, order: Sequence[int] | None = None):
+        """``order``: the small tensors' order (indices into ``tensors``), when the caller has them concatenated
+        so (see :class:`SmallLatents`); ignored unless it names exactly the small tensors."""
         sizes = [t.z.numel() for t in tensors]
         limit = small_tensor_limit(tensors[0].z.device) if batched else -1
         small = [i for i, n in enumerate(sizes) if n <= limit]
+        if order is not None and sorted(order) == small:
+            small = list(order)
         self.small = small if len(small) > 1 else []
         self.large = [i for i in range(len(tensors)) if i not in set(self.small)]
-        self.key = self.key_of(tensors)
+        self.key = self.key_of(tensors, order)
         self.parts: list[slice] = [slice(0)] * len(tensors)  # each tensor's slice of the flat buffers
         start = 0
         for i in self.small + self.large:
@@ -165,8 +179,16 @@ class RateLayout:
         self._host: list[list] | None = None  # see host_parts
 
     @staticmethod
-    def key_of(tensors: Sequence[LatentTensor]) -> tuple:
-        return tuple((id(t.z), tuple(t.z.shape), id(t.kind), t.z.device) for t in tensors)
+    def key_of(tensors: Sequence[LatentTensor], order: Sequence[int] | None = None) -> tuple:
+        return tuple((id(t.z), tuple(t.z.shape), id(t.kind), t.z.device) for t in tensors), tuple(order or ())
+
+    def small_values(self, tensors: Sequence[LatentTensor], small: "SmallLatents | None",
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """The small tensors' latents back to back, detached: the caller's concatenation when it fits this layout,
+        else a new one (into ``out`` when given)."""
+        if small is not None and small.flat is not None and tuple(small.order) == tuple(self.small):
+            return small.flat.detach()
+        return torch.cat([tensors[i].z.reshape(-1) for i in self.small], out=out)
 
     def check_params(self, params: torch.Tensor | None) -> None:
         """Raise EPRError unless ``params`` (the tensors' parameters back to back, when the caller holds them so)
@@ -196,13 +218,13 @@ class RateLayout:
 
     @torch.no_grad()
     def place(self, tensors: Sequence[LatentTensor], out: torch.Tensor, noise: torch.Tensor, a: torch.Tensor,
-              b: torch.Tensor, c: torch.Tensor | float, scratch: torch.Tensor | None = None) -> None:
+              b: torch.Tensor, c: torch.Tensor | float, scratch: torch.Tensor | None = None,
+              small: "SmallLatents | None" = None) -> None:
         """``out = z * a + b + noise * c`` for every latent, with a, b, c given per channel (c may be one number)."""
         per_channel = isinstance(c, torch.Tensor)
         if self.small:
             part = out[: self.small_numel]
-            z = torch.cat([tensors[i].z.reshape(-1) for i in self.small],
-                          out=scratch[: self.small_numel] if scratch is not None else None)
+            z = self.small_values(tensors, small, scratch[: self.small_numel] if scratch is not None else None)
             coef = torch.stack([a, b, c] if per_channel else [a, b]).index_select(1, self.small_channel)
             torch.addcmul(coef[1], z, coef[0], out=part)
             if per_channel:
@@ -219,13 +241,14 @@ class RateLayout:
                 target.add_(noise[where].view(t.z.shape), alpha=c)
 
     @torch.no_grad()
-    def bounds(self, tensors: Sequence[LatentTensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def bounds(self, tensors: Sequence[LatentTensor],
+               small: "SmallLatents | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel: the least and the greatest latent (weight units; NaN if one is NaN). The small tensors
         together (two scatter reductions over their elements), each large one on its own."""
         large = [tensors[i].kind.group_bounds(tensors[i].z) for i in self.large]
         if not self.small:  # every tensor on its own, in tensor (so channel) order
             return tuple(torch.cat([b[j] for b in large]) for j in (0, 1))
-        z = torch.cat([tensors[i].z.reshape(-1) for i in self.small])
+        z = self.small_values(tensors, small)
         channels = len(self.step_index)
         lo = z.new_full((channels,), math.inf).scatter_reduce_(0, self.small_channel, z, "amin")
         hi = z.new_full((channels,), -math.inf).scatter_reduce_(0, self.small_channel, z, "amax")
@@ -259,11 +282,11 @@ class RateLayout:
             index[self.parts[i]].view(t.z.shape).add_(t.kind.group_view(offsets[self.channels[i]]))
 
 
-def _unit_bounds(tensors: Sequence[LatentTensor], step: torch.Tensor, shift: torch.Tensor,
-                 layout: RateLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_bounds(tensors: Sequence[LatentTensor], step: torch.Tensor, shift: torch.Tensor, layout: RateLayout,
+                 small: "SmallLatents | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel: the least and the greatest latent in integer units, (z - shift) / step (step > 0 keeps the
     order)."""
-    return tuple((b - shift) / step for b in layout.bounds(tensors))
+    return tuple((b - shift) / step for b in layout.bounds(tensors, small))
 
 
 @dataclass
@@ -383,7 +406,7 @@ def grid_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], resol
         grad_shift = -weighted.sum(1) / hist.step.float()  # d units / d shift = -1 / step
         per_latent = (slope / hist.step.float()[:, None]).reshape(-1)  # bits per weight unit
     return (total + hist.layout.steering(tensors, grad_log_step, grad_shift)
-            + _CellGradient.apply(hist.index, per_latent, None, hist.layout, *[t.z for t in tensors]))
+            + _CellGradient.apply(hist.index, per_latent, None, hist.layout, None, *[t.z for t in tensors]))
 
 
 SAMPLED_LATENTS = 1 << 22  # the density's and step sizes' gradients are estimated from about this many latents
@@ -421,11 +444,12 @@ class RateGrid:
     @classmethod
     @torch.no_grad()
     def spanning(cls, tensors: Sequence[LatentTensor], layout: RateLayout, step: torch.Tensor, shift: torch.Tensor,
-                 resolution: int, max_bins: int, dtype: torch.dtype, check: bool = True) -> "RateGrid":
+                 resolution: int, max_bins: int, dtype: torch.dtype, check: bool = True,
+                 small: "SmallLatents | None" = None) -> "RateGrid":
         """A grid around every channel's rounded values, with ``GRID_MARGIN`` spare bins and room for the noise.
         With ``check=False`` nothing is read back to the host: the grid has the points that the widest channel
         could need (``max_bins`` bins) and its ``finite`` flag stays on the device."""
-        bounds = torch.cat(_unit_bounds(tensors, step, shift, layout))
+        bounds = torch.cat(_unit_bounds(tensors, step, shift, layout, small))
         lo, hi = torch.round(bounds.nan_to_num(0.0, 0.0, 0.0)).long().chunk(2)
         width = integers_per_bin(lo, hi, max_bins)  # so that (hi - lo) // width < max_bins
         spare = GRID_MARGIN + 1  # bins below the lowest value; the noise needs half a bin of them
@@ -489,11 +513,11 @@ class RateWorkspace:
             b = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
         return b[:n]
 
-    def layout(self, tensors: Sequence[LatentTensor]) -> RateLayout:
-        """The tensors' batched :class:`RateLayout` (kept while they are the same tensors)."""
+    def layout(self, tensors: Sequence[LatentTensor], order: Sequence[int] | None = None) -> RateLayout:
+        """The tensors' batched :class:`RateLayout` (kept while they are the same tensors, in the same order)."""
         layout = self._layout
-        if layout is None or layout.key != RateLayout.key_of(tensors):
-            layout = self._layout = RateLayout(tensors, batched=True)
+        if layout is None or layout.key != RateLayout.key_of(tensors, order):
+            layout = self._layout = RateLayout(tensors, batched=True, order=order)
         return layout
 
     def index(self, n: int, device: torch.device) -> torch.Tensor:
@@ -530,13 +554,15 @@ class RateWorkspace:
                                  int(state["resolution"]), int(state["max_bins"]), int(state["age"]))
 
     def device_grid(self, tensors: Sequence[LatentTensor], layout: RateLayout, step: torch.Tensor, shift: torch.Tensor,
-                    resolution: int, max_bins: int, dtype: torch.dtype) -> RateGrid:
+                    resolution: int, max_bins: int, dtype: torch.dtype,
+                    small: "SmallLatents | None" = None) -> RateGrid:
         """The accelerator path's grid: built on the device at every step, nothing read back to the host. Whether
         the latents were finite is read one step late (EPRError then, as the host-checked grid raises at once)."""
         latest, self.latest_finite = self.latest_finite, None
         if latest is not None and not latest.read():
             raise EPRError(DIVERGED)
-        self.grid = RateGrid.spanning(tensors, layout, step, shift, resolution, max_bins, dtype, check=False)
+        self.grid = RateGrid.spanning(tensors, layout, step, shift, resolution, max_bins, dtype, check=False,
+                                      small=small)
         self.latest_finite = _LateFlag(self.grid.finite)
         self.builds += 1
         return self.grid
@@ -552,7 +578,7 @@ class RateWorkspace:
 
 def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], resolution: int = 4,
                max_bins: int = 64, workspace: RateWorkspace | None = None,
-               params: torch.Tensor | None = None) -> torch.Tensor:
+               params: torch.Tensor | None = None, small: SmallLatents | None = None) -> torch.Tensor:
     """Bits of every latent plus one uniform noise draw, u + U(-1/2, 1/2), under ``density`` (the uniform-noise
     relaxation of Ballé et al., sampled: the training rate of ``rate_relaxation="noise"``).
 
@@ -565,22 +591,26 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
     the same workspace every step; its grid is kept while every latent fits, or on accelerators built on the device
     at every step, so that nothing is read back to the host); noise comes from its fixed random buffer at a random
     offset. ``params``: the tensors' decoder parameters back to back, where the caller holds them as one tensor
-    (the step sizes' and shifts' gradients then go to it, in one piece). Its expectation is :func:`grid_rate`'s
-    ``smooth`` estimate; training uses the sampled form, whose runs
-    reach smaller files at better accuracy than runs on the deterministic expectation (see the README's Results).
+    (the step sizes' and shifts' gradients then go to it, in one piece); ``small``: the order of the small tensors
+    and their latents as the caller concatenated them (see :class:`SmallLatents`). Its expectation is
+    :func:`grid_rate`'s ``smooth`` estimate; training uses the sampled form, whose runs reach smaller files at better
+    accuracy than runs on the deterministic expectation (see the README's Results).
     """
     workspace = workspace if workspace is not None else RateWorkspace()
     dtype, device = torch.promote_types(tensors[0].z.dtype, torch.float32), tensors[0].z.device
     n = sum(t.z.numel() for t in tensors)
     with torch.no_grad():
-        layout = workspace.layout(tensors)
+        compiled = native_train(*(t.z for t in tensors)) is not None
+        layout = workspace.layout(tensors, small.order if small is not None else None)
         layout.check_params(params)
+        # the compiled pass reads every tensor where it is
+        shared = small is not None and small.flat is not None and not compiled and small.order == tuple(layout.small)
+        small = small if shared else None
         log_step, shift = layout.steps_and_shifts(tensors, params)
         step = log_step.exp()
         channels = step.numel()
         # the sums over latents are estimated from every stride-th block above SAMPLED_LATENTS
         stride = max(1, -(-n // SAMPLED_LATENTS))
-        compiled = native_train(*(t.z for t in tensors)) is not None
         # torch operations pad their buffers to whole strides of blocks (the padding goes to a cell no sum reads)
         padded = n if stride == 1 or compiled else -(-n // (SAMPLE_BLOCK * stride)) * SAMPLE_BLOCK * stride
         noise = workspace.noise(padded, dtype, device)
@@ -588,21 +618,23 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         # grid position of every noisy value, (z - shift) / step + noise - origin in grid spacings, with its
         # channel's coefficients: z * a + b + noise * c
         if not compiled and decoders.accelerator_path(device):  # nothing read back to the host: a grid built on the device
-            grid = workspace.device_grid(tensors, layout, step, shift, resolution, max_bins, dtype)
+            grid = workspace.device_grid(tensors, layout, step, shift, resolution, max_bins, dtype, small)
             c = 1 / grid.h  # per channel (one number for all would need the host to find that they are alike)
             a, b = c / step, -(shift / step + grid.origin) * c
-            found = _torch_sums(layout, tensors, workspace, grid.points, noise, (a, b, c), stride, pick, check=False)
+            found = _torch_sums(layout, tensors, workspace, grid.points, noise, (a, b, c), stride, pick, check=False,
+                                small=small)
         else:
             grid = workspace.usable_grid(channels, resolution, max_bins, device)
             for fresh in ((False, True) if grid is not None else (True,)):
                 if fresh:
                     grid = workspace.grid = RateGrid.spanning(tensors, layout, step, shift, resolution, max_bins,
-                                                              dtype)
+                                                              dtype, small=small)
                     workspace.builds += 1
                 c = grid.points_per_unit
                 a, b = c / step, -(shift / step + grid.origin) * c
-                found = (_compiled_sums if compiled else _torch_sums)(layout, tensors, workspace, grid.points, noise,
-                                                                       (a, b, c), stride, pick)
+                found = (_compiled_sums(layout, tensors, workspace, grid.points, noise, (a, b, c), stride, pick)
+                         if compiled else _torch_sums(layout, tensors, workspace, grid.points, noise, (a, b, c),
+                                                      stride, pick, small=small))
                 if found is not None:
                     break
                 if fresh:  # a grid built around the latents holds them unless they are not finite
@@ -624,12 +656,13 @@ def noise_rate(density: FactorizedDensity, tensors: Sequence[LatentTensor], reso
         grad_shift = -(per_unit * count).sum(1) / step
         per_latent = (per_unit / step[:, None]).reshape(-1)  # bits per latent unit z
     return ((f * weight).sum() + layout.steering(tensors, grad_log_step, grad_shift, params)
-            + _CellGradient.apply(index, per_latent, workspace, layout, *[t.z for t in tensors]))
+            + _CellGradient.apply(index, per_latent, workspace, layout, small.flat if small is not None else None,
+                                  *[t.z for t in tensors]))
 
 
 def _torch_sums(layout: RateLayout, tensors: Sequence[LatentTensor], workspace: RateWorkspace, points: int,
-                noise: torch.Tensor, coef: tuple, stride: int, pick: int,
-                check: bool = True) -> tuple[torch.Tensor, ...] | None:
+                noise: torch.Tensor, coef: tuple, stride: int, pick: int, check: bool = True,
+                small: SmallLatents | None = None) -> tuple[torch.Tensor, ...] | None:
     """:func:`noise_rate`'s pass over the latents in torch operations: (cell index of every latent, and per grid
     point the count, fractions and noise draws of the latents of every stride-th block of ``SAMPLE_BLOCK`` from
     ``pick``, scaled by ``stride``), or None when a noisy value leaves the grid (found with one host synchronization;
@@ -638,7 +671,8 @@ def _torch_sums(layout: RateLayout, tensors: Sequence[LatentTensor], workspace: 
     (a, b, c), n, padded = coef, layout.numel, noise.numel()
     dtype, device, channels = noise.dtype, noise.device, a.numel()
     position = workspace.buffer("position", padded, dtype, device)
-    layout.place(tensors, position, noise, a, b, c, workspace.buffer("small", layout.small_numel, dtype, device))
+    layout.place(tensors, position, noise, a, b, c, workspace.buffer("small", layout.small_numel, dtype, device)
+                 if small is None else None, small)
     if check:
         low, high = torch.stack(position[:n].aminmax()).tolist()  # one host sync: do all lie on the grid?
         if not (0 <= low and high < points - 1):
@@ -692,27 +726,32 @@ class _ParamGradient(torch.autograd.Function):
 
 class _CellGradient(torch.autograd.Function):
     """Zero in value; the gradient to each latent is the slope table at its cell: one gather for all the small
-    tensors together, one per large tensor."""
+    tensors together, one per large tensor. With ``small_flat`` (the small tensors' latents as the caller
+    concatenated them, see :class:`SmallLatents`) their gradient goes to it, in one piece."""
 
     @staticmethod
     def forward(ctx, index: torch.Tensor, slope: torch.Tensor, workspace: RateWorkspace | None, layout: RateLayout,
-                *zs: torch.Tensor) -> torch.Tensor:
+                small_flat: torch.Tensor | None, *zs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index, slope)
         ctx.shapes, ctx.workspace, ctx.layout = [z.shape for z in zs], workspace, layout
+        ctx.joined = small_flat is not None
         return slope.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         index, slope = ctx.saved_tensors
-        table, layout, grads = slope * grad_output, ctx.layout, [None] * len(ctx.shapes)
+        table, layout, grads, joined = slope * grad_output, ctx.layout, [None] * len(ctx.shapes), None
         if layout.small:
             small = table.index_select(0, index[: layout.small_numel])
-            for i in layout.small:
-                grads[i] = small[layout.parts[i]].view(ctx.shapes[i])
+            if ctx.joined:
+                joined = small
+            else:
+                for i in layout.small:
+                    grads[i] = small[layout.parts[i]].view(ctx.shapes[i])
         for i in layout.large:  # gathered into a tensor of its own shape (not a view): autograd adds the decoder's
             # gradient into it in place instead of allocating their sum
             grads[i] = table.new_empty(ctx.shapes[i])
             torch.index_select(table, 0, index[layout.parts[i]], out=grads[i].view(-1))
         if ctx.workspace is not None:
             ctx.workspace.index_pending = False  # its index buffer may be written again
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, joined, *grads)

@@ -15,8 +15,8 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from .config import EPRConfig, EPRConfigError
-from .entropy import (FactorizedDensity, LatentTensor, RateWorkspace, cell_bits, grid_rate, latent_histogram,
-                      noise_rate)
+from .entropy import (FactorizedDensity, LatentTensor, RateWorkspace, SmallLatents, cell_bits, grid_rate,
+                      latent_histogram, noise_rate)
 from .format.coders import histogram_table
 from .format.configuration_epr import CONFIG_MODEL_TYPE, HUB_KWARGS, EPRCompressedConfig
 from .format.container import WEIGHTS_NAME, CodedGroup, Container, atomic_write, read_container
@@ -128,19 +128,22 @@ class EPRModel(PreTrainedModel):
         ``(outputs, bits())``, the rate computed inside forward so that DistributedDataParallel sees every
         parameter used once per step."""
         with parametrize.cached():
-            self._decode_small_tensors()
+            small = self._decode_small_tensors()
             outputs = self.model(*args, **kwargs)
-        return (outputs, self.bits()) if return_bits else outputs
+        return (outputs, self._bits(small)) if return_bits else outputs
 
-    def _decode_small_tensors(self) -> None:
+    def _decode_small_tensors(self) -> SmallLatents | None:
         """Decode the small tensors together into the parametrizations' cache (which the caller has enabled), so
-        that the forward finds them decoded. Skipped for sharded (FSDP) latents, each gathered by its own module."""
+        that the forward finds them decoded; returns their latents as concatenated for it, if it did (for the rate
+        to share). Skipped for sharded (FSDP) latents, each gathered by its own module."""
         cache = getattr(parametrize, "_cache", None)
         batch = self.decode_batch.candidates
         if not batch or not isinstance(cache, dict) or type(batch[0].latent.data) is not torch.Tensor:
-            return
-        for entry, weight in self.decode_batch.weights():
+            return None
+        weights, joined = self.decode_batch.weights()
+        for entry, weight in weights:
             cache[(id(entry.module), entry.attr)] = weight
+        return SmallLatents(*joined) if joined is not None else None
 
     def latent_tensors(self) -> list[LatentTensor]:
         """Every compressed tensor as the rate sees it (latent, decoder kind, log steps, shifts)."""
@@ -150,14 +153,21 @@ class EPRModel(PreTrainedModel):
         """Differentiable estimate of the coded size of all latents, in bits (a 0-dim float32 tensor): in training
         with ``rate_relaxation="noise"`` the bits of the latents plus one uniform noise draw each, otherwise the
         bits of the rounded latents (straight-through slope). Always computed in float32, also under autocast."""
+        return self._bits(None)
+
+    def _bits(self, small: SmallLatents | None) -> torch.Tensor:
+        """:meth:`bits`, sharing the small tensors' latents as the forward concatenated them (if it did); the rate
+        places the small tensors in the order they are decoded, either way."""
         if not self.entries:
             return torch.zeros((), device=self.device)
         noise = self.training and self.epr_config.rate_relaxation == "noise"
         with torch.autocast(self.device.type, enabled=False):
             tensors = self.latent_tensors()
             if noise:
+                if small is None and (order := self.decode_batch.order(self.device)) is not None:
+                    small = SmallLatents(order)
                 return noise_rate(self.density, tensors, workspace=self.rate_workspace,
-                                  params=self.decoder_parameters.flat)
+                                  params=self.decoder_parameters.flat, small=small)
             return grid_rate(self.density, tensors)
 
     @torch.no_grad()

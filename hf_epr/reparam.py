@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import EPRConfig
-from .format.decoders import DECODER_KINDS, DecoderKind, quantize_together, small_tensor_limit, weight_spread
+from .format.decoders import (DECODER_KINDS, DecoderKind, join, native_train, part, quantize_together,
+                              small_tensor_limit, weight_spread)
 
 
 class DecoderParameters(nn.Module):
@@ -92,8 +93,7 @@ class DecodeBatch:
     spends most of its decoding time on it. What is small depends on the device (:func:`small_tensor_limit`)."""
 
     def __init__(self, entries: list[CompressedTensor], pool: DecoderParameters):
-        self.candidates = entries
-        object.__setattr__(self, "pool", pool)
+        self.candidates, self.pool = entries, pool
         self._plans: dict[str, tuple | None] = {}
 
     def _plan(self, device: torch.device) -> tuple | None:
@@ -104,10 +104,12 @@ class DecodeBatch:
         key = str(device)
         if key not in self._plans:
             limit = small_tensor_limit(device)
-            small = [e for e in self.candidates if e.latent.numel() <= limit]
+            order = [i for i, e in enumerate(self.candidates) if e.latent.numel() <= limit]
             # kinds with shifts first (only they need one per element); tensors that transform alike side by side
-            small.sort(key=lambda e: (not e.kind.has_shift, e.kind.transform_key is not None,
-                                      str(e.kind.transform_key)))
+            order.sort(key=lambda i: (not self.candidates[i].kind.has_shift,
+                                      self.candidates[i].kind.transform_key is not None,
+                                      str(self.candidates[i].kind.transform_key)))
+            small = [self.candidates[i] for i in order]
             runs: list[list[CompressedTensor]] = []
             steps, shifts, patterns = [], [], []
             for e in small:
@@ -121,24 +123,36 @@ class DecodeBatch:
                     shifts.append(group + start + g)
                 patterns.append(e.kind.compiled_steps(start))
             self._plans[key] = None if len(small) < 2 else (
-                runs, torch.cat(steps), torch.cat(shifts) if shifts else steps[0].new_zeros(0), patterns)
+                runs, torch.cat(steps), torch.cat(shifts) if shifts else steps[0].new_zeros(0), patterns, tuple(order))
         return self._plans[key]
 
-    def weights(self) -> list[tuple[CompressedTensor, torch.Tensor]]:
-        """Every batched tensor with its decoded weight (what its parametrization returns)."""
+    def order(self, device: torch.device) -> tuple[int, ...] | None:
+        """The batched tensors on ``device`` in the order they are decoded (indices into the entries), or None."""
+        plan = self._plan(device)
+        return plan[-1] if plan is not None else None
+
+    def weights(self) -> tuple[list[tuple[CompressedTensor, torch.Tensor]],
+                               tuple[tuple[int, ...], torch.Tensor] | None]:
+        """Every batched tensor with its decoded weight (what its parametrization returns); and, when they were
+        decoded in torch operations, their latents as concatenated for it (with autograd) with their order (indices
+        into the entries), for the training rate to share (see ``entropy.SmallLatents``); else None."""
         plan = self._plan(self.candidates[0].latent.device) if self.candidates else None
         if plan is None:
-            return []
-        runs, step_index, shift_index, patterns = plan
+            return [], None
+        runs, step_index, shift_index, patterns, order = plan
         batch = [e for run in runs for e in run]
-        flat = quantize_together([e.latent for e in batch], self.pool.flat, step_index, shift_index, patterns)
+        latents, joined = [e.latent for e in batch], None
+        if native_train(self.pool.flat, *latents) is None:  # torch operations concatenate them: once, for both
+            joined = order, join(latents)
+            latents = [joined[1]]
+        flat = quantize_together(latents, self.pool.flat, step_index, shift_index, patterns)
         weights, start = [], 0
         for run in runs:  # consecutive entries that transform alike: one transform for all
-            sizes = [e.latent.numel() for e in run]
-            out = run[0].kind.transform_flat(flat[start: start + sum(sizes)])
-            weights += [(e, w.view(e.kind.shape)) for e, w in zip(run, out.split(sizes))]
-            start += sum(sizes)
-        return weights
+            size = sum(e.latent.numel() for e in run)
+            out = run[0].kind.transform_flat(flat[start: start + size])
+            weights += zip(run, part(out, [e.kind.shape for e in run]))
+            start += size
+        return weights, joined
 
 
 def is_compressed(p: torch.Tensor, config: EPRConfig) -> bool:

@@ -283,6 +283,49 @@ def test_accelerator_path_trains_without_reading_the_device(family, monkeypatch,
     assert [r.split(" > ")[-1] for r in hf_epr_tensor_reads] == ["entropy.py:read"] * 2  # flags of steps 1, 2
 
 
+@pytest.mark.parametrize("family", ["resnet", "convnext"])
+def test_rate_shares_the_small_latents_the_forward_concatenated(family, monkeypatch, accelerator_path):
+    """In torch operations the forward concatenates the small tensors' latents to decode them; the training rate
+    inside that forward reads the same concatenation and sends its gradient there in one piece: the same rate and
+    gradients as the rate computed on its own after the forward (for the same noise draw of each latent)."""
+    model = EPRModel.from_base(tiny_model(family), EPRConfig(rate_lambda=0.5, init_step_ratio=0.05))
+    model = half_placed_together(monkeypatch, model)
+    x, labels = tiny_inputs(family, n=4), torch.arange(4) % 2
+    torch.manual_seed(0)
+    draws = [torch.rand(t.z.shape) - 0.5 for t in model.latent_tensors()]
+
+    class FixedNoise(entropy.RateWorkspace):  # each latent's draw whatever the order of the tensors
+        def noise(self, n, dtype, device):
+            out = torch.zeros(n, dtype=dtype)
+            for part, d in zip(self._layout.parts, draws):
+                out[part] = d.reshape(-1)
+            return out
+
+    read_shared = []
+    small_values = entropy.RateLayout.small_values
+    monkeypatch.setattr(entropy.RateLayout, "small_values", lambda self, tensors, small, out=None: (
+        read_shared.append(small is not None and small.flat is not None), small_values(self, tensors, small, out))[1])
+    results = []
+    for shared in (True, False):
+        read_shared.clear()
+        model.rate_workspace = FixedNoise()
+        model.zero_grad(set_to_none=True)
+        if shared:
+            outputs, bits = model(pixel_values=x, labels=labels, return_bits=True)
+        else:
+            outputs = model(pixel_values=x, labels=labels)
+            bits = model.bits()
+        (outputs.loss + 0.5 * bits / model.num_compressed_parameters).backward()
+        grads = [(n, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None]
+        results.append((float(bits.detach()), grads))
+        assert read_shared == [shared] * 2  # the bounds and the placement read the forward's concatenation, or made one
+        assert model.rate_workspace._layout.key[1] == model.decode_batch.order(model.device)  # in decoding order
+    (a, grads_a), (b, grads_b) = results
+    assert a == pytest.approx(b, rel=1e-6)
+    assert [n for n, _ in grads_a] == [n for n, _ in grads_b]
+    assert all(torch.allclose(g, h, rtol=1e-4, atol=1e-7) for (_, g), (_, h) in zip(grads_a, grads_b))
+
+
 def test_accelerator_path_reports_divergence_a_step_late(monkeypatch, accelerator_path):
     model = half_placed_together(monkeypatch, EPRModel.from_base(tiny_model("resnet"), EPRConfig(init_step_ratio=0.05)))
     model.bits().backward()

@@ -108,7 +108,7 @@ def test_training_steps_on_the_accelerator_path_read_nothing_from_the_device(lp,
     hf_epr_tensor_reads.clear()
     trainer.train()
     in_steps = [r for r in hf_epr_tensor_reads if "compute_loss" in r or "_prepare_inputs" in r]
-    assert in_steps == ["trainer.py:compute_loss > modeling.py:forward > modeling.py:bits > entropy.py:noise_rate > "
+    assert in_steps == ["trainer.py:compute_loss > modeling.py:forward > modeling.py:_bits > entropy.py:noise_rate > "
                         "entropy.py:device_grid > entropy.py:read"] * 3, in_steps  # steps 2-4
     assert sum(r.endswith("trainer.py:__call__ > trainer.py:_label_status") for r in hf_epr_tensor_reads) >= 4
 

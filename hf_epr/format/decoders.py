@@ -183,7 +183,7 @@ class _QuantizeTogether(torch.autograd.Function):
                               host(x, True), torch.get_num_threads())
             ctx.save_for_backward(x, *zs)
             return x
-        z = torch.cat([t.reshape(-1) for t in zs])
+        z = zs[0].reshape(-1) if len(zs) == 1 else torch.cat([t.reshape(-1) for t in zs])
         step, shifted, x = flat.exp().index_select(0, step_index), shift_index.numel(), torch.empty_like(z)
         _quantize(z[:shifted], step[:shifted], flat.index_select(0, shift_index), out=x[:shifted])
         _quantize(z[shifted:], step[shifted:], None, out=x[shifted:])
@@ -217,12 +217,53 @@ def small_tensor_limit(device: torch.device) -> int:
     return SMALL_TENSOR if torch.device(device).type == "cpu" else SMALL_TENSOR_ACCELERATOR
 
 
+class _Join(torch.autograd.Function):
+    """Tensors flattened and concatenated, in one autograd node (a concatenation of reshaped tensors is one node
+    per tensor more: a reshape's); its backward hands each tensor its slice of the gradient as a view."""
+
+    @staticmethod
+    def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [t.shape for t in tensors]
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grads = grad.split([math.prod(s) for s in ctx.shapes])
+        return tuple(g.view(s) for g, s in zip(grads, ctx.shapes))
+
+
+class _Part(torch.autograd.Function):
+    """The inverse of :class:`_Join`: a flat tensor's consecutive slices as tensors of the given shapes (views), in
+    one autograd node (a split's outputs reshaped are one node per tensor more)."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, shapes: list[torch.Size]):
+        ctx.shapes = shapes
+        return tuple(p.view(s) for p, s in zip(flat.split([math.prod(s) for s in shapes]), shapes))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # (gradients of unused parts arrive as zeros)
+        return torch.cat([g.reshape(-1) for g in grads]), None
+
+
+def join(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``tensors`` flattened and concatenated, differentiable, in one autograd node."""
+    return _Join.apply(*tensors)
+
+
+def part(flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> tuple[torch.Tensor, ...]:
+    """The inverse of :func:`join`: ``flat``'s consecutive slices shaped as ``shapes`` (views; differentiable, one
+    autograd node)."""
+    return _Part.apply(flat, [torch.Size(s) for s in shapes])
+
+
 def quantize_together(zs: list[torch.Tensor], params: torch.Tensor, step_index: torch.Tensor,
                       shift_index: torch.Tensor, patterns: list[tuple[np.ndarray, int]]) -> torch.Tensor:
     """The quantized latents of several tensors (each ``kind.forward`` before its transform), flat and back to back,
     in one operation and one autograd node: the per-operation cost of many small tensors paid once. ``params``: the
-    decoders' parameters, flat (``step_index``, ``shift_index`` and ``patterns`` place each tensor's in it). See
-    :class:`_QuantizeTogether`."""
+    decoders' parameters, flat (``step_index``, ``shift_index`` and ``patterns`` place each tensor's in it). ``zs``
+    may be one tensor, the latents already back to back (torch operations only: the compiled loops take each
+    tensor's ``patterns``). See :class:`_QuantizeTogether`."""
     return _QuantizeTogether.apply(step_index, shift_index, patterns, params, *zs)
 
 
