@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from .config import EPRConfig, EPRConfigError
 from .entropy import (FactorizedDensity, LatentTensor, RateWorkspace, SmallLatents, cell_bits, grid_rate,
                       latent_histogram, noise_rate)
+from .format import decoders
 from .format.coders import histogram_table
 from .format.configuration_epr import CONFIG_MODEL_TYPE, HUB_KWARGS, EPRCompressedConfig
 from .format.container import WEIGHTS_NAME, CodedGroup, Container, atomic_write, read_container
@@ -156,15 +157,18 @@ class EPRModel(PreTrainedModel):
         return self._bits(None)
 
     def _bits(self, small: SmallLatents | None) -> torch.Tensor:
-        """:meth:`bits`, sharing the small tensors' latents as the forward concatenated them (if it did); the rate
-        places the small tensors in the order they are decoded, either way."""
+        """:meth:`bits`, sharing the small tensors' latents as the forward concatenated them (if it did: torch
+        operations on accelerators); there the rate places the small tensors in the order they are decoded, either
+        way (on the CPU in the tensors' order, compiled loops or not)."""
         if not self.entries:
             return torch.zeros((), device=self.device)
         noise = self.training and self.epr_config.rate_relaxation == "noise"
         with torch.autocast(self.device.type, enabled=False):
             tensors = self.latent_tensors()
             if noise:
-                if small is None and (order := self.decode_batch.order(self.device)) is not None:
+                if not decoders.accelerator_path(self.device):
+                    small = None  # the CPU's passes place the small tensors in the tensors' order
+                elif small is None and (order := self.decode_batch.order(self.device)) is not None:
                     small = SmallLatents(order)
                 return noise_rate(self.density, tensors, workspace=self.rate_workspace,
                                   params=self.decoder_parameters.flat, small=small)

@@ -285,9 +285,10 @@ def test_accelerator_path_trains_without_reading_the_device(family, monkeypatch,
 
 @pytest.mark.parametrize("family", ["resnet", "convnext"])
 def test_rate_shares_the_small_latents_the_forward_concatenated(family, monkeypatch, accelerator_path):
-    """In torch operations the forward concatenates the small tensors' latents to decode them; the training rate
-    inside that forward reads the same concatenation and sends its gradient there in one piece: the same rate and
-    gradients as the rate computed on its own after the forward (for the same noise draw of each latent)."""
+    """In torch operations the forward concatenates the small tensors' latents to decode them; on accelerators the
+    training rate inside that forward reads the same concatenation and sends its gradient there in one piece: the
+    same rate and gradients as the rate computed on its own after the forward (for the same noise draw of each
+    latent). The CPU's path keeps the tensors' order."""
     model = EPRModel.from_base(tiny_model(family), EPRConfig(rate_lambda=0.5, init_step_ratio=0.05))
     model = half_placed_together(monkeypatch, model)
     x, labels = tiny_inputs(family, n=4), torch.arange(4) % 2
@@ -324,6 +325,10 @@ def test_rate_shares_the_small_latents_the_forward_concatenated(family, monkeypa
     assert a == pytest.approx(b, rel=1e-6)
     assert [n for n, _ in grads_a] == [n for n, _ in grads_b]
     assert all(torch.allclose(g, h, rtol=1e-4, atol=1e-7) for (_, g), (_, h) in zip(grads_a, grads_b))
+    monkeypatch.setattr(decoders, "accelerator_path", lambda device: False)  # the CPU's path: the tensors' order
+    read_shared.clear()
+    model(pixel_values=x, labels=labels, return_bits=True)
+    assert model.rate_workspace._layout.key[1] == () and not any(read_shared)
 
 
 def test_accelerator_path_reports_divergence_a_step_late(monkeypatch, accelerator_path):
