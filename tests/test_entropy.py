@@ -1,7 +1,10 @@
 """The learned density and the rate: exact bits of the rounded latents, the noise relaxation, and their gradients."""
 
+import copy
+
 import pytest
 import torch
+from transformers import AutoModelForImageClassification, ResNetConfig
 
 from hf_epr import EPRConfig, EPRError, EPRModel, entropy
 from hf_epr.entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram, noise_rate
@@ -329,6 +332,45 @@ def test_rate_shares_the_small_latents_the_forward_concatenated(family, monkeypa
     read_shared.clear()
     model(pixel_values=x, labels=labels, return_bits=True)
     assert model.rate_workspace._layout.key[1] == () and not any(read_shared)
+
+
+def working_operations(fn) -> int:
+    """aten operations that launch work (not views, allocations or metadata) in one call of ``fn``."""
+    no_work = {"view", "detach", "as_strided", "slice", "reshape", "narrow", "empty", "empty_strided", "t",
+               "transpose", "expand", "unsqueeze", "squeeze", "alias", "resolve_conj", "resolve_neg", "permute",
+               "select", "split", "split_with_sizes", "unbind", "chunk", "to", "lift_fresh", "empty_like", "view_as",
+               "expand_as", "contiguous", "result_type", "is_nonzero", "item", "_local_scalar_dense", "_to_copy"}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages()
+               if e.key.startswith("aten::") and e.key.removeprefix("aten::") not in no_work)
+
+
+def test_accelerator_path_step_costs_no_operations_per_compressed_tensor(accelerator_path):
+    """On an accelerator every operation is a kernel launch or more: the operations an EPR training step (forward
+    with its rate, backward) adds to the plain model's do not grow with the number of compressed tensors (the
+    decoders' parameters are one tensor, the small tensors' latents concatenated once for decoding and rate)."""
+    extra, tensors = [], []
+    for depths in ([1, 1], [3, 3]):
+        torch.manual_seed(0)
+        config = ResNetConfig(num_labels=4, embedding_size=8, hidden_sizes=[8, 16], depths=depths)
+        base = AutoModelForImageClassification.from_config(config).train()
+        model = EPRModel.from_base(copy.deepcopy(base), EPRConfig(rate_lambda=0.5)).train()
+        x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2,))
+
+        def plain():
+            base(pixel_values=x, labels=y).loss.backward()
+
+        def epr():
+            outputs, bits = model(pixel_values=x, labels=y, return_bits=True)
+            (outputs.loss + bits / model.num_compressed_parameters).backward()
+
+        for _ in range(3):  # the rate's first steps build its layout and buffers
+            plain(), epr()
+        extra.append(working_operations(epr) - working_operations(plain))
+        tensors.append(len(model.entries))
+    assert tensors[1] > tensors[0] + 4
+    assert extra[1] - extra[0] <= tensors[1] - tensors[0], (extra, tensors)  # the code before: 3 per tensor
 
 
 def test_accelerator_path_reports_divergence_a_step_late(monkeypatch, accelerator_path):
