@@ -26,6 +26,7 @@ from transformers import AutoModelForImageClassification, ConvNextConfig, ResNet
 from hf_epr import EPRConfig, EPRModel
 from hf_epr.format import decoders
 from hf_epr.results import markdown_table
+from hf_epr.testing import working_operations
 
 from common import save_results
 
@@ -35,11 +36,6 @@ MODELS = {  # the full configurations' depths at tiny widths
                                  image_size=32, patch_size=8),
     "convnext-t": lambda: ConvNextConfig(num_labels=10, hidden_sizes=[8, 16, 32, 64]),
 }
-# operations that launch no work of their own: views, allocations, metadata
-NO_WORK = {"view", "detach", "as_strided", "slice", "reshape", "narrow", "empty", "empty_strided", "t", "transpose",
-           "expand", "unsqueeze", "squeeze", "alias", "resolve_conj", "resolve_neg", "_reshape_alias", "permute",
-           "select", "split", "split_with_sizes", "unbind", "chunk", "to", "lift_fresh", "empty_like", "view_as",
-           "expand_as", "contiguous", "result_type", "is_nonzero", "item", "_local_scalar_dense", "_to_copy"}
 PHASES = ("forward", "backward", "optimizer")  # EPR's forward includes its rate
 
 
@@ -48,14 +44,6 @@ def accelerator_path() -> None:
     decoders._native_train = None
     decoders.accelerator_path = lambda device: True
     decoders.SMALL_TENSOR = decoders.SMALL_TENSOR_ACCELERATOR
-
-
-def working_operations(fn) -> int:
-    """aten operations that launch work in one call of ``fn``."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages()
-               if e.key.startswith("aten::") and e.key.removeprefix("aten::") not in NO_WORK)
 
 
 def measure(name: str, rounds: int, steps: int) -> list[dict]:

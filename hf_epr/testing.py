@@ -1,5 +1,6 @@
 """Small models and data for tests and benchmarks (as ``transformers.testing_utils``): tiny configs of several
-vision families, a few plain training steps of an EPRModel, and LeNet references trained on real MNIST."""
+vision families, a few plain training steps of an EPRModel, LeNet references trained on real MNIST, and a count of
+the operations that launch work."""
 
 from __future__ import annotations
 
@@ -24,6 +25,19 @@ TINY_CONFIGS = {
                                    groups_width=8, num_labels=4),
 }
 IMAGE_SIZE = {"vit": 16, "swin": 16}
+# aten operations that launch no work of their own (views, allocations, metadata)
+NO_WORK = {"view", "detach", "as_strided", "slice", "reshape", "narrow", "empty", "empty_strided", "t", "transpose",
+           "expand", "unsqueeze", "squeeze", "alias", "resolve_conj", "resolve_neg", "_reshape_alias", "permute",
+           "select", "split", "split_with_sizes", "unbind", "chunk", "to", "lift_fresh", "empty_like", "view_as",
+           "expand_as", "contiguous", "result_type", "is_nonzero", "item", "_local_scalar_dense", "_to_copy"}
+
+
+def working_operations(fn) -> int:
+    """The aten operations that launch work in one call of ``fn`` (on a GPU each is a kernel launch or more)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages()
+               if e.key.startswith("aten::") and e.key.removeprefix("aten::") not in NO_WORK)
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:

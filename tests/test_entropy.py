@@ -10,7 +10,7 @@ from hf_epr import EPRConfig, EPRError, EPRModel, entropy
 from hf_epr.entropy import FactorizedDensity, LatentTensor, cell_bits, grid_rate, latent_histogram, noise_rate
 from hf_epr.format import decoders
 from hf_epr.format.decoders import AffineKind, DCTKind
-from hf_epr.testing import tiny_inputs, tiny_model
+from hf_epr.testing import tiny_inputs, tiny_model, working_operations
 
 
 def brute_force_bits(model: EPRModel) -> float:
@@ -332,18 +332,6 @@ def test_rate_shares_the_small_latents_the_forward_concatenated(family, monkeypa
     read_shared.clear()
     model(pixel_values=x, labels=labels, return_bits=True)
     assert model.rate_workspace._layout.key[1] == () and not any(read_shared)
-
-
-def working_operations(fn) -> int:
-    """aten operations that launch work (not views, allocations or metadata) in one call of ``fn``."""
-    no_work = {"view", "detach", "as_strided", "slice", "reshape", "narrow", "empty", "empty_strided", "t",
-               "transpose", "expand", "unsqueeze", "squeeze", "alias", "resolve_conj", "resolve_neg", "permute",
-               "select", "split", "split_with_sizes", "unbind", "chunk", "to", "lift_fresh", "empty_like", "view_as",
-               "expand_as", "contiguous", "result_type", "is_nonzero", "item", "_local_scalar_dense", "_to_copy"}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages()
-               if e.key.startswith("aten::") and e.key.removeprefix("aten::") not in no_work)
 
 
 def test_accelerator_path_step_costs_no_operations_per_compressed_tensor(accelerator_path):
