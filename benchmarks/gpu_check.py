@@ -339,7 +339,8 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str, dict]:
             per_op[part] = op_times(events, device, profiled)
             # the device's work: kernels and copies (not the GPU-side spans of annotations such as the optimizer's
             # step, which cover its kernels and the gaps between them)
-            kernels = [e for e in events if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
+            kernels = [e for e in events
+                       if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
             gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000 / profiled
             launches = sum(e.count for e in kernels) / profiled
             rows.append({"model": name, "precision": label, "part": part, "wall_ms": round(ms, 2),
@@ -355,8 +356,9 @@ def profile_model(name: str, args, device: str) -> tuple[list[dict], str, dict]:
                              + events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
                              + "```\n")
         differences[label] = op_differences(per_op["EPR step"], per_op["plain step"])
-        text += (f"\n### {name} {label}: EPR step less plain step, by operation ({'device' if device == 'cuda' else 'host'}"
-                 " ms per step, largest differences)\n\n"
+        where = "device" if device == "cuda" else "host"
+        text += (f"\n### {name} {label}: EPR step less plain step, by operation ({where} ms per step, largest "
+                 "differences)\n\n"
                  + markdown_table(differences[label][:15] + differences[label][-1:]) + "\n")
     return rows, text, {name: differences}
 
@@ -371,16 +373,15 @@ def op_times(events, device: str, calls: int) -> dict[str, tuple[float, float]]:
 
 def op_differences(epr: dict, plain: dict) -> list[dict]:
     """Every operation of two steps' :func:`op_times`, the largest difference in time first, then the total."""
-    keys = sorted(set(epr) | set(plain), key=lambda k: -abs(epr.get(k, (0, 0))[1] - plain.get(k, (0, 0))[1]))
-    out = [{"operation": k[:70], "epr_calls": round(epr.get(k, (0, 0))[0], 1),
-            "plain_calls": round(plain.get(k, (0, 0))[0], 1), "epr_ms": round(epr.get(k, (0, 0))[1], 3),
-            "plain_ms": round(plain.get(k, (0, 0))[1], 3),
-            "difference_ms": round(epr.get(k, (0, 0))[1] - plain.get(k, (0, 0))[1], 3)} for k in keys]
-    total = {k: sum(v[1] for v in side.values()) for k, side in (("epr", epr), ("plain", plain))}
-    out.append({"operation": "all operations", "epr_calls": round(sum(v[0] for v in epr.values()), 1),
-                "plain_calls": round(sum(v[0] for v in plain.values()), 1), "epr_ms": round(total["epr"], 3),
-                "plain_ms": round(total["plain"], 3), "difference_ms": round(total["epr"] - total["plain"], 3)})
-    return out
+    def row(name: str, ours: tuple[float, float], theirs: tuple[float, float]) -> dict:
+        return {"operation": name[:70], "epr_calls": round(ours[0], 1), "plain_calls": round(theirs[0], 1),
+                "epr_ms": round(ours[1], 3), "plain_ms": round(theirs[1], 3),
+                "difference_ms": round(ours[1] - theirs[1], 3)}
+
+    pairs = [(k, epr.get(k, (0, 0)), plain.get(k, (0, 0))) for k in set(epr) | set(plain)]
+    pairs.sort(key=lambda p: -abs(p[1][1] - p[2][1]))
+    totals = [tuple(map(sum, zip(*side.values()))) if side else (0, 0) for side in (epr, plain)]
+    return [row(*p) for p in pairs] + [row("all operations", *totals)]
 
 
 def fsdp_worker(out: str, small: bool) -> None:

@@ -10,7 +10,8 @@ on the path an accelerator takes (torch operations, no host reads, every tensor 
 and placed together), forced on the CPU, with its rate computed inside the forward as EPRTrainer does. Per model:
 the operations that launch work in one forward and backward (aten operations less views and allocations; on a GPU
 each is a kernel launch or more) and the parameter tensors, for the plain model and the EPR model; the host time of
-each phase of an AdamW step (fused, as the Trainer's default), median over interleaved rounds. Writes ``benchmarks/results/host_overhead.{md,json}``.
+each phase of an AdamW step (fused, as the Trainer's default), median over interleaved rounds. Writes
+``benchmarks/results/host_overhead.{md,json}``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from transformers import AutoModelForImageClassification, ConvNextConfig, ResNet
 from hf_epr import EPRConfig, EPRModel
 from hf_epr.format import decoders
 from hf_epr.results import markdown_table
-from hf_epr.testing import working_operations
+from hf_epr.testing import take_accelerator_path, working_operations
 
 from common import save_results
 
@@ -37,13 +38,6 @@ MODELS = {  # the full configurations' depths at tiny widths
     "convnext-t": lambda: ConvNextConfig(num_labels=10, hidden_sizes=[8, 16, 32, 64]),
 }
 PHASES = ("forward", "backward", "optimizer")  # EPR's forward includes its rate
-
-
-def accelerator_path() -> None:
-    """Training's accelerator path on the CPU: torch operations, nothing read back, the accelerator's batching."""
-    decoders._native_train = None
-    decoders.accelerator_path = lambda device: True
-    decoders.SMALL_TENSOR = decoders.SMALL_TENSOR_ACCELERATOR
 
 
 def measure(name: str, rounds: int, steps: int) -> list[dict]:
@@ -102,7 +96,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    accelerator_path()
+    take_accelerator_path()
+    decoders.SMALL_TENSOR = decoders.SMALL_TENSOR_ACCELERATOR  # and the accelerator's batching
     names, rounds, steps = (["resnet50"], 2, 3) if args.quick else (list(MODELS), 5, 10)
     rows = [row for name in names for row in measure(name, rounds, steps)]
     text = ("Host work per training step on the accelerator path (forced on the CPU, 1 thread; tiny widths, batch 2):"

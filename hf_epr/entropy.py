@@ -184,9 +184,9 @@ class RateLayout:
 
     def small_values(self, tensors: Sequence[LatentTensor], small: "SmallLatents | None",
                      out: torch.Tensor | None = None) -> torch.Tensor:
-        """The small tensors' latents back to back, detached: the caller's concatenation when it fits this layout,
-        else a new one (into ``out`` when given)."""
-        if small is not None and small.flat is not None and tuple(small.order) == tuple(self.small):
+        """The small tensors' latents back to back, detached: the caller's concatenation when given (one that fits
+        this layout: :func:`noise_rate` passes on no other), else a new one (into ``out`` when given)."""
+        if small is not None:
             return small.flat.detach()
         return torch.cat([tensors[i].z.reshape(-1) for i in self.small], out=out)
 

@@ -1,6 +1,6 @@
 """Small models and data for tests and benchmarks (as ``transformers.testing_utils``): tiny configs of several
-vision families, a few plain training steps of an EPRModel, LeNet references trained on real MNIST, and a count of
-the operations that launch work."""
+vision families, a few plain training steps of an EPRModel, LeNet references trained on real MNIST, the accelerator
+path taken on the CPU, and a count of the operations that launch work."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from transformers import (AutoModelForImageClassification, ConvNextConfig, Mobil
                           ResNetConfig, SwinConfig, ViTConfig)
 
 from .data import TensorRows, load_mnist, mnist_pixel_values
+from .format import decoders
 from .models import LeNetConfig, LeNetForImageClassification
 
 TINY_CONFIGS = {
@@ -30,6 +31,13 @@ NO_WORK = {"view", "detach", "as_strided", "slice", "reshape", "narrow", "empty"
            "expand", "unsqueeze", "squeeze", "alias", "resolve_conj", "resolve_neg", "_reshape_alias", "permute",
            "select", "split", "split_with_sizes", "unbind", "chunk", "to", "lift_fresh", "empty_like", "view_as",
            "expand_as", "contiguous", "result_type", "is_nonzero", "item", "_local_scalar_dense", "_to_copy"}
+
+
+def take_accelerator_path(set_attribute=setattr) -> None:
+    """Training takes the accelerator path on the CPU from now on: torch operations, nothing read back from the device
+    (pass a pytest ``monkeypatch.setattr`` to have it undone after the test)."""
+    set_attribute(decoders, "_native_train", None)
+    set_attribute(decoders, "accelerator_path", lambda device: True)
 
 
 def working_operations(fn) -> int:

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from hf_epr import EPRConfig, EPRModel
-from hf_epr.format import decoders
-from hf_epr.testing import tiny_model
+from hf_epr.testing import take_accelerator_path, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -62,8 +61,7 @@ def compressed(tmp_path):
 @pytest.fixture
 def accelerator_path(monkeypatch):
     """Training takes the accelerator path on the CPU: torch operations, nothing read back from the device."""
-    monkeypatch.setattr(decoders, "_native_train", None)
-    monkeypatch.setattr(decoders, "accelerator_path", lambda device: True)
+    take_accelerator_path(monkeypatch.setattr)
 
 
 @pytest.fixture
