@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py            # CUDA: default configs, 1,000 labels, batch 64 of 224 x 224 images
     python benchmarks/gpu_check.py --small    # anywhere (also CPU): tiny configs, the same code paths
     python benchmarks/gpu_check.py --profile  # only where a step's time goes: gpu_check_profile.{md,json}
+    python benchmarks/gpu_check.py --compile  # also the plain and EPR steps with torch_compile=True
 
 Per model (random init, random images): the plain Trainer step against EPRTrainer steps (label preservation off and
 auto; fp32 and bf16 mixed precision), the rate term alone, then on the device
@@ -131,10 +132,13 @@ def images(n: int, size: int, labels: int) -> TensorRows:
                        "labels": torch.randint(0, labels, (n,), generator=g)})
 
 
-def run_trainer(kind: str, base, data, batch: int, steps: int, warmup: int, bf16: bool, out: str):
-    """(trainer, ms per step) of one short run: kind is plain, off or auto."""
+def run_trainer(kind: str, base, data, batch: int, steps: int, warmup: int, bf16: bool, out: str,
+                compiled: bool = False):
+    """(trainer, ms per step) of one short run: kind is plain, off or auto; ``compiled``: ``torch_compile=True``
+    (its compilation falls in the warm-up steps)."""
     common = dict(output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=batch, learning_rate=1e-4,
                   report_to="none", save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True, seed=0, bf16=bf16,
+                  torch_compile=compiled,
                   dataloader_num_workers=2 if torch.cuda.is_available() else 0,
                   use_cpu=not torch.cuda.is_available())  # without CUDA, bf16 is the CPU's autocast
     timer = StepTimer(warmup)
@@ -182,20 +186,24 @@ def check_model(name: str, args, device: str, scratch: str) -> tuple[list[dict],
     data = images(batch * (args.steps + args.warmup), size, labels)
     rows, kept = [], None
     plain = {}
-    variants = [(kind, bf16) for bf16 in (False, True) for kind in ("plain", "off", "auto")
-                if not (args.no_auto and kind == "auto")]
-    for kind, bf16 in variants:
-        label = f"{kind} {'bf16' if bf16 else 'fp32'}"
+    runs = [(kind, False) for kind in ("plain", "off", "auto") if not (args.no_auto and kind == "auto")]
+    runs += [(kind, True) for kind in ("plain", "off") if args.compile]
+    variants = [(kind, bf16, compiled) for bf16 in (False, True) for kind, compiled in runs]
+    for kind, bf16, compiled in variants:
+        label = f"{kind} {'bf16' if bf16 else 'fp32'}{' compiled' if compiled else ''}"
         try:
             trainer, timer = run_trainer(kind, base, data, batch, args.steps, args.warmup, bf16,
-                                         os.path.join(scratch, f"{name}-{kind}-{bf16}"))
+                                         os.path.join(scratch, f"{name}-{kind}-{bf16}-{compiled}"), compiled)
             ms = timer.ms_per_step
             if kind == "plain":
-                plain[bf16] = ms
-            rows.append({"model": name, "run": label, "ms_per_step": round(ms, 2),
-                         "ratio_vs_plain": round(ms / plain[bf16], 3) if bf16 in plain else None,
-                         "grids_built": timer.grid_builds})
-            if kind == "off" and not bf16:
+                plain[bf16, compiled] = ms
+            row = {"model": name, "run": label, "ms_per_step": round(ms, 2),
+                   "ratio_vs_plain": round(ms / plain[bf16, False], 3) if (bf16, False) in plain else None,
+                   "grids_built": timer.grid_builds}
+            if compiled and kind != "plain" and (bf16, True) in plain:
+                row["ratio_vs_plain_compiled"] = round(ms / plain[bf16, True], 3)
+            rows.append(row)
+            if kind == "off" and not bf16 and not compiled:
                 kept = trainer
             log(f"{name} {label}: {ms:.1f} ms/step")
         except Exception as err:  # noqa: BLE001 - report and go on with the other variants
@@ -425,6 +433,8 @@ def main() -> None:
     parser.add_argument("--check-models", nargs="*", default=None,
                         help="models that also get the evaluate/save/load checks (default: all)")
     parser.add_argument("--no-auto", action="store_true", help="skip the label-preservation 'auto' runs")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the plain and EPR ('off') steps with torch_compile=True")
     parser.add_argument("--out", default=None, help="also copy the results here (a folder)")
     parser.add_argument("--profile", action="store_true",
                         help="only profile the steps of --models (plain, EPR, its rate, two EPR variants): "

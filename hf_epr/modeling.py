@@ -133,10 +133,12 @@ class EPRModel(PreTrainedModel):
             outputs = self.model(*args, **kwargs)
         return (outputs, self._bits(small)) if return_bits else outputs
 
+    @torch.compiler.disable
     def _decode_small_tensors(self) -> SmallLatents | None:
         """Decode the small tensors together into the parametrizations' cache (which the caller has enabled), so
         that the forward finds them decoded; returns their latents as concatenated for it, if it did (for the rate
-        to share). Skipped for sharded (FSDP) latents, each gathered by its own module."""
+        to share). Skipped for sharded (FSDP) latents, each gathered by its own module. Runs as it is under
+        ``torch.compile`` (its runs of tensors of many sizes made TorchInductor fail while compiling them)."""
         cache = getattr(parametrize, "_cache", None)
         batch = self.decode_batch.candidates
         if not batch or not isinstance(cache, dict) or type(batch[0].latent.data) is not torch.Tensor:

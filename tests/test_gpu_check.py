@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,6 +29,22 @@ def test_gpu_check_runs_its_whole_flow_at_small_sizes(tmp_path):
     assert check["plain_load_s"] > 0 and check["fp32_load_s"] > 0 and check["wrapper_load_s"] > 0
     assert check["plain_load_stages_s"].startswith("config ") and "transformers" in check["plain_load_stages_s"]
     assert result["fsdp2"]["reloaded_latents_equal"] is True
+
+
+@pytest.mark.slow
+def test_gpu_check_times_the_steps_compiled_too(tmp_path):
+    """``--compile``: the plain and EPR steps with ``torch_compile=True`` (TorchInductor), on a model whose small
+    tensors are decoded together."""
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--small", "--models", "resnet50", "--steps", "1", "--warmup",
+           "1", "--no-auto", "--compile", "--check-models", "--no-load-times", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {row["run"]: row for row in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]}
+    compiled = {"plain fp32 compiled", "off fp32 compiled", "plain bf16 compiled", "off bf16 compiled"}
+    assert compiled <= set(runs)
+    assert all(runs[r]["ms_per_step"] > 0 and "error" not in runs[r] for r in compiled), runs
+    assert runs["off fp32 compiled"]["ratio_vs_plain_compiled"] > 0
 
 
 def test_gpu_check_profile_compares_the_steps_operation_by_operation(tmp_path):

@@ -113,6 +113,30 @@ def test_training_steps_on_the_accelerator_path_read_nothing_from_the_device(lp,
     assert sum(r.endswith("trainer.py:__call__ > trainer.py:_label_status") for r in hf_epr_tensor_reads) >= 4
 
 
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_trains_like_the_uncompiled_model(backend, teacher, tmp_path):
+    """``torch_compile=True`` (TorchDynamo traces the model with fake tensors, which the compiled training loops
+    cannot read: torch operations stand in) trains as the uncompiled model does and saves a repo that loads."""
+    runs = {}
+    for compiled in (False, True):
+        kw = {"torch_compile": True, "torch_compile_backend": backend} if compiled else {}
+        trainer = make_trainer(teacher, tmp_path / str(compiled), steps=12, lp="fixed", logging_steps=1, **kw)
+        trainer.train()
+        runs[compiled] = trainer
+    logs = {c: list(zip(*[(h["loss"], h["bits"]) for h in t.state.log_history if "bits" in h]))
+            for c, t in runs.items()}
+    (loss, bits), (loss_c, bits_c) = logs[False], logs[True]  # per step
+    assert len(loss_c) == 12
+    assert loss_c[0] == pytest.approx(loss[0], rel=1e-5)  # from the same weights: the same step
+    assert loss_c == pytest.approx(loss, rel=1e-2)  # then its rounding differences grow a little under Adam
+    assert bits_c[0] - bits_c[-1] == pytest.approx(bits[0] - bits[-1], rel=0.05)  # the rate's gradient is there
+    trainer = runs[True]
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = EPRModel.from_pretrained(str(tmp_path / "saved"))
+    expected = trainer.accelerator.unwrap_model(trainer.model).integer_latents()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.integer_latents().items())
+
+
 def test_label_status_collator_wraps_the_collator():
     """The wrapper adds each batch's label status and otherwise stands for the collator it wraps: its attributes (the
     Trainer saves a collator's tokenizer) and pickling (data loader workers that spawn)."""
