@@ -38,8 +38,8 @@ def native_train(*tensors: torch.Tensor):
     """The compiled training loops (``hf_epr/_native_train.c``, built by ``pip install``) when they were built, not
     ruled out by ``HF_EPR_NATIVE=0``, and all ``tensors`` are contiguous float32 on the CPU; else None. Also None
     while ``torch.compile`` traces (the loops read memory that its fake tensors do not have: torch operations then)."""
-    if _native_train is None or torch.compiler.is_compiling() or not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-                                        for t in tensors):
+    if _native_train is None or torch.compiler.is_compiling() or not all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
         return None
     return _native_train
 
