@@ -12,13 +12,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_runs_its_whole_flow_at_small_sizes(tmp_path):
-    cmd = [sys.executable, "benchmarks/gpu_check.py", "--small", "--models", "convnext-t", "--steps", "1",
-           "--warmup", "1", "--no-auto", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+def gpu_check(out: Path, *args: str, result: str = "gpu_check.json", timeout: int = 600) -> dict:
+    """Run ``benchmarks/gpu_check.py --small *args`` with CUDA hidden, writing to ``out``; its ``result`` file, read."""
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--small", *args, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    return json.loads((out / result).read_text())
+
+
+def test_gpu_check_runs_its_whole_flow_at_small_sizes(tmp_path):
+    result = gpu_check(tmp_path, "--models", "convnext-t", "--steps", "1", "--warmup", "1", "--no-auto")
     runs = {row["run"]: row for row in result["steps"]}
     assert set(runs) == {"plain fp32", "off fp32", "plain bf16", "off bf16"}  # bf16: the CPU's autocast here
     assert all(row["ms_per_step"] > 0 and "error" not in row for row in runs.values()), runs
@@ -35,12 +39,9 @@ def test_gpu_check_runs_its_whole_flow_at_small_sizes(tmp_path):
 def test_gpu_check_times_the_steps_compiled_too(tmp_path):
     """``--compile``: the plain and EPR steps with ``torch_compile=True`` (TorchInductor), on a model whose small
     tensors are decoded together."""
-    cmd = [sys.executable, "benchmarks/gpu_check.py", "--small", "--models", "resnet50", "--steps", "1", "--warmup",
-           "1", "--no-auto", "--compile", "--check-models", "--no-load-times", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {row["run"]: row for row in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]}
+    result = gpu_check(tmp_path, "--models", "resnet50", "--steps", "1", "--warmup", "1", "--no-auto", "--compile",
+                       "--check-models", "--no-load-times", timeout=900)
+    runs = {row["run"]: row for row in result["steps"]}
     compiled = {"plain fp32 compiled", "off fp32 compiled", "plain bf16 compiled", "off bf16 compiled"}
     assert compiled <= set(runs)
     assert all(runs[r]["ms_per_step"] > 0 and "error" not in runs[r] for r in compiled), runs
@@ -48,12 +49,8 @@ def test_gpu_check_times_the_steps_compiled_too(tmp_path):
 
 
 def test_gpu_check_profile_compares_the_steps_operation_by_operation(tmp_path):
-    cmd = [sys.executable, "benchmarks/gpu_check.py", "--profile", "--small", "--models", "resnet50", "--steps", "1",
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "gpu_check_profile.json").read_text())
+    result = gpu_check(tmp_path, "--profile", "--models", "resnet50", "--steps", "1",
+                       result="gpu_check_profile.json")
     parts = {(row["precision"], row["part"]) for row in result["rows"]}
     assert {("fp32", "plain step"), ("fp32", "EPR step"), ("bf16", "rate fwd+bwd"),
             ("bf16", "EPR step, CPU's path (host syncs)")} <= parts
